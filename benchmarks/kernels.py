@@ -1,0 +1,260 @@
+"""NF4 kernels against the device copy floor, bitsandbytes and bf16 torch.matmul, on one GPU in one process.
+
+Usage: python benchmarks/kernels.py [--out DIR] [--sweep]. Prints one JSON line per measurement, a table
+last, and writes kernels.json to DIR. Medians of CUDA-event timings (triton.testing.do_bench); M <= 16 also
+replayed under a CUDA graph, where launch gaps vanish. --sweep also times other fused-kernel tile shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+
+import torch
+import triton
+
+import nf4
+from nf4 import ops
+from nf4.kernels import dequantize as kdequantize
+from nf4.kernels import gemm as kgemm
+from nf4.kernels import gemv as kgemv
+from nf4.kernels import quantize as kquantize
+
+SHAPES = {
+    "8B_qo": (4096, 4096), "8B_up": (14336, 4096), "8B_down": (4096, 14336),
+    "70B_qo": (8192, 8192), "70B_up": (28672, 8192), "70B_down": (8192, 28672),
+}  # fmt: skip
+MS = (1, 2, 4, 8, 16, 32, 128, 2048, 8192)
+SWEEP = [
+    kgemv.GemvConfig(bn, kb, w, s)
+    for bn, kb, w, s in [
+        (8, 8, 4, 4),
+        (16, 8, 4, 3),
+        (32, 8, 4, 3),
+        (16, 4, 4, 4),
+        (32, 4, 8, 4),
+        (64, 4, 8, 3),
+        (64, 8, 8, 3),
+    ]
+]
+LLAMA8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+RESULTS: list[dict] = []
+
+
+def record(**kw: object) -> None:
+    RESULTS.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def bench(fn, graph: bool = False) -> float:
+    """Median ms; with graph=True, of one replay of a CUDA graph holding 20 calls (divided by 20)."""
+    if not graph:
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(20):
+            fn()
+    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") / 20
+
+
+def qargs(q: nf4.QuantizedTensor) -> tuple:
+    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.nested_offset, q.blocksize)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    args = parser.parse_args()
+    import bitsandbytes as bnb
+
+    record(
+        what="device",
+        name=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        bnb=bnb.__version__,
+    )
+    copy_gbps = copy_bandwidth()
+    record(what="copy_GBps", value=round(copy_gbps, 1))
+    for name in args.shapes.split(","):
+        bench_shape(name, copy_gbps, args.sweep)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    decode_step()
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+    summary()
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written, GB/s."""
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * 2**30 / bench(lambda: b.copy_(a)) / 1e6
+
+
+def bench_shape(name: str, copy_gbps: float, sweep: bool) -> None:
+    """Quantize, dequantize and matmul at every M for one weight shape."""
+    import bitsandbytes.functional as bnbf
+
+    n, k = SHAPES[name]
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    q = ops.quantize(w)
+    bq, bst = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+    same = (
+        torch.equal(q.data.view(-1), bq.view(-1))
+        and torch.equal(q.absmax, bst.absmax)
+        and torch.equal(q.nested_absmax, bst.state2.absmax)
+    )
+    floor = 2.5 * n * k / copy_gbps / 1e6
+    t_q = bench(lambda: ops.quantize(w))
+    t_q_kernels = bench(lambda: kquantize.double_quantize(kquantize.quantize_4bit(w, "nf4", 64)[1], q.nested_quant_map))
+    t_bq = bench(lambda: bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True))
+    record(
+        what="quantize",
+        shape=name,
+        bytes_equal_bnb=same,
+        floor_ms=round(floor, 4),
+        ours_ms=round(t_q, 4),
+        ours_kernels_only_ms=round(t_q_kernels, 4),
+        bnb_ms=round(t_bq, 4),
+        ours_over_floor=round(t_q / floor, 2),
+        kernels_over_floor=round(t_q_kernels / floor, 2),
+        bnb_over_floor=round(t_bq / floor, 2),
+    )
+    buf = torch.empty(n * k, dtype=torch.bfloat16, device="cuda")
+    t_d = bench(lambda: kdequantize.dequantize(*qargs(q)[:-1], 64, n * k, torch.bfloat16, out=buf))
+    t_bd = bench(lambda: bnbf.dequantize_4bit(bq, bst))
+    exact = torch.equal(ops.dequantize(q), nf4.dequantize(q))
+    record(
+        what="dequantize",
+        shape=name,
+        equal_reference=exact,
+        floor_ms=round(floor, 4),
+        ours_ms=round(t_d, 4),
+        bnb_ms=round(t_bd, 4),
+        ours_over_floor=round(t_d / floor, 2),
+        bnb_over_floor=round(t_bd / floor, 2),
+    )
+    for m in MS:
+        bench_matmul(name, m, w, q, (bq, bst), sweep)
+
+
+def bench_matmul(name: str, m: int, w: torch.Tensor, q: nf4.QuantizedTensor, bnb_q: tuple, sweep: bool) -> None:
+    """Ours, bitsandbytes and bf16 at one M; M <= 16 graph-timed."""
+    import bitsandbytes as bnb
+
+    n, k = w.shape
+    bq, bst = bnb_q
+    wq = nf4.dequantize(q, torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ wq.float().T
+    out = ops.matmul(x, q)
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    graph = m <= 16
+    t_bf = bench(lambda: x @ w.T, graph)
+    t_ours = bench(lambda: ops.matmul(x, q), graph)
+    try:
+        t_bnb = bench(lambda: bnb.matmul_4bit(x, bq.t(), bst), graph)
+    except RuntimeError as e:  # bnb's path may not capture in a graph
+        record(what="bnb_error", shape=name, M=m, err=str(e)[:200])
+        t_bnb = bench(lambda: bnb.matmul_4bit(x, bq.t(), bst))
+    row = dict(
+        what="matmul",
+        shape=name,
+        M=m,
+        graph=graph,
+        rel_err=float(f"{rel:.2e}"),
+        bf16_ms=round(t_bf, 4),
+        ours_ms=round(t_ours, 4),
+        bnb_ms=round(t_bnb, 4),
+        speedup_vs_bf16=round(t_bf / t_ours, 2),
+        bnb_speedup_vs_bf16=round(t_bf / t_bnb, 2),
+    )
+    if m >= 32:
+        t_deq = bench(lambda: kgemm.gemm(x, *qargs(q), n, None))
+        cfg = kgemv.GemvConfig(block_n=128, kb=2, num_warps=8, num_stages=3, block_m=min(m, 128))
+        t_fused = bench(lambda: kgemv.gemv(x, *qargs(q), n, None, cfg))
+        row |= dict(dequant_cublas_ms=round(t_deq, 4), fused_ms=round(t_fused, 4))
+    record(**row)
+    if sweep and m in (1, 16):
+        times = {}
+        for cfg in SWEEP:
+            try:
+                times[str(tuple(cfg.__dict__.values()))] = round(
+                    bench(lambda cfg=cfg: kgemv.gemv(x, *qargs(q), n, None, cfg), True), 4
+                )
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile is a data point
+                times[str(tuple(cfg.__dict__.values()))] = repr(e)[:80]
+        record(what="gemv_sweep", shape=name, M=m, default=str(kgemv.default_config(m, n, 64)), times=times)
+
+
+def decode_step() -> None:
+    """All linear layers of one Llama-8B-shaped decode step (32 layers, batch 1), CUDA-graph timed."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    torch.manual_seed(0)
+    weights, ours, theirs = [], [], []
+    for _ in range(32):
+        for n, k in LLAMA8B_LAYER:
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            ours.append(ops.quantize(w))
+            theirs.append(bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True))
+            weights.append(w)
+    xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
+
+    def step_bf16() -> None:
+        for w in weights:
+            xs[w.shape[1]] @ w.T
+
+    def step_ours() -> None:
+        for q in ours:
+            ops.matmul(xs[q.shape[1]], q)
+
+    def step_bnb() -> None:
+        for bq, st in theirs:
+            bnb.matmul_4bit(xs[st.shape[1]], bq.t(), st)
+
+    times = {}
+    for label, fn in (("bf16", step_bf16), ("ours", step_ours), ("bnb", step_bnb)):
+        g = torch.cuda.CUDAGraph()
+        fn()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g):
+            fn()
+        times[label] = triton.testing.do_bench(g.replay, warmup=10, rep=200, return_mode="median")
+    record(
+        what="decode_step_8B_linears",
+        **{f"{k}_ms": round(v, 4) for k, v in times.items()},
+        **{f"{k}_tok_s": round(1000 / v, 1) for k, v in times.items()},
+        ours_speedup_vs_bf16=round(times["bf16"] / times["ours"], 2),
+        bnb_speedup_vs_bf16=round(times["bf16"] / times["bnb"], 2),
+    )
+
+
+def summary() -> None:
+    print("\nshape     M      bf16_ms   ours_ms   bnb_ms   ours/bf16 speedup  bnb speedup")
+    for r in RESULTS:
+        if r["what"] == "matmul":
+            print(
+                f"{r['shape']:9} {r['M']:<6} {r['bf16_ms']:<9} {r['ours_ms']:<9} {r['bnb_ms']:<8} "
+                f"{r['speedup_vs_bf16']:<18} {r['bnb_speedup_vs_bf16']}"
+            )
+        elif r["what"] in ("quantize", "dequantize", "decode_step_8B_linears", "copy_GBps"):
+            print({k: v for k, v in r.items() if k not in ("floor_ms",)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Pieces shared by the kernels: exact fp32 arithmetic and the per-block absmax decode."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+def interpreted() -> bool:
+    """True under ``TRITON_INTERPRET=1``, where libdevice calls do not exist (numpy rounds each op anyway)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# The compiler contracts a * b + c into one fma (one rounding) unless the multiply is an explicit
+# round-to-nearest instruction; the format rounds twice, so exact paths go through these helpers.
+@triton.jit
+def mul_rn(a, b, INTERPRETED: tl.constexpr):
+    if INTERPRETED:
+        return a * b
+    else:
+        return libdevice.mul_rn(a, b)
+
+
+# 1 / x correctly rounded (torch.reciprocal), whatever the compiler's default division.
+@triton.jit
+def reciprocal_rn(x, INTERPRETED: tl.constexpr):
+    if INTERPRETED:
+        return 1.0 / x
+    else:
+        return libdevice.div_rn(tl.full(x.shape, 1.0, tl.float32), x)
+
+
+# absmax of 4-bit block b (any int tensor of block indices, masked lanes read block 0):
+#   plain:        absmax[b]                                               (fp32)
+#   double quant: nested_quant_map[absmax[b]] * nested_absmax[b // 256] + offset   (two fp32 roundings)
+@triton.jit
+def load_absmax(
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_quant_map_ptr,
+    nested_offset,
+    b,
+    mask,
+    DOUBLE_QUANT: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    if DOUBLE_QUANT:
+        code = tl.load(absmax_ptr + b, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + b // 256, mask=mask, other=0.0)
+        return mul_rn(tl.load(nested_quant_map_ptr + code), scale, INTERPRETED) + nested_offset
+    else:
+        return tl.load(absmax_ptr + b, mask=mask, other=0.0)
+
+
+# fp32 -> out_ptr's dtype, rounded to nearest even. The interpreter's own bf16 cast truncates, so there the
+# rounding is done on the bits: add 0x7FFF plus the lowest kept bit, keep the high half (finite inputs only).
+@triton.jit
+def round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)

@@ -1,0 +1,158 @@
+"""Quantize: fp32/fp16/bf16 -> packed 4-bit codes + absmax, then the optional 8-bit double quantization.
+
+Two launches and one torch reduction: the 4-bit pass (reads 2 bytes, writes 0.5 byte per bf16 param: the
+floor), the float64 mean of absmax done by torch (the same on every device), then the nested pass over absmax
+(1/blocksize of the elements). Every rounding step mirrors ``nf4.format``, so the bytes are equal.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from nf4 import codebook, format
+from nf4.kernels.common import interpreted, reciprocal_rn
+
+_ELEMENTS_PER_PROGRAM = 8192
+
+
+# Codes of scaled values y in [-1, 1] (NaN, from an all-zero block, gives 0 as every comparison is false):
+#   nf4/int4: code = #{thresholds t : y > t}                       (ties to the lower code)
+#   fp4:      code = code_of_rank[#{t : |y| > t}] | (y < 0) << 3  (sign-magnitude)
+@triton.jit
+def _encode(y, thresholds_ptr, code_of_rank_ptr, NTHRESHOLDS: tl.constexpr, SIGN_MAGNITUDE: tl.constexpr):
+    v = tl.abs(y) if SIGN_MAGNITUDE else y
+    rank = tl.zeros(y.shape, tl.int32)
+    for i in tl.static_range(NTHRESHOLDS):
+        rank += (v > tl.load(thresholds_ptr + i)).to(tl.int32)
+    if SIGN_MAGNITUDE:
+        return tl.load(code_of_rank_ptr + rank) | ((y < 0).to(tl.int32) << 3)
+    else:
+        return rank
+
+
+# A program quantizes NB whole blocks, loaded as [NB, BS/2, 2] so that the pair (2j, 2j+1) splits into the
+# high and low nibble of byte j.   absmax_b = max |x| over block b;  y = x * fp32(1 / absmax_b).
+@triton.jit
+def _quantize_kernel(
+    x_ptr,
+    thresholds_ptr,
+    code_of_rank_ptr,
+    data_ptr,
+    absmax_ptr,
+    n,
+    nblocks,
+    BLOCKSIZE: tl.constexpr,
+    NB: tl.constexpr,
+    NTHRESHOLDS: tl.constexpr,
+    SIGN_MAGNITUDE: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    HB: tl.constexpr = BLOCKSIZE // 2
+    blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)  # [NB]
+    pair = blk[:, None] * HB + tl.arange(0, HB)[None, :]  # [NB, HB] = byte index
+    elem = pair[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]  # [NB, HB, 2]
+    x = tl.load(x_ptr + elem, mask=elem < n, other=0.0).to(tl.float32)
+    nan: tl.constexpr = tl.PropagateNan.ALL  # a NaN input must give a NaN absmax, which the caller rejects
+    absmax = tl.max(tl.max(tl.abs(x), axis=2, propagate_nan=nan), axis=1, propagate_nan=nan)  # [NB]
+    y = x * reciprocal_rn(absmax, INTERPRETED)[:, None, None]
+    code = _encode(y, thresholds_ptr, code_of_rank_ptr, NTHRESHOLDS, SIGN_MAGNITUDE)
+    high, low = tl.split(code)
+    tl.store(data_ptr + pair, ((high << 4) | low).to(tl.uint8), mask=pair < (n + 1) // 2)
+    tl.store(absmax_ptr + blk, absmax, mask=blk < nblocks)
+
+
+# bitsandbytes' 8-bit encoder (format._encode_8bit): 7 halving steps of a binary search over the sorted
+# 256-entry map from pivot 127, keeping the last pivot passed on each side, then a midpoint test between
+# the final pivot and that neighbour (strict on both sides).
+@triton.jit
+def _encode_8bit(y, dyn_ptr):
+    pivot = tl.full(y.shape, 127, tl.int32)
+    lower_pivot = tl.zeros(y.shape, tl.int32)
+    upper_pivot = tl.full(y.shape, 255, tl.int32)
+    lower = tl.zeros(y.shape, tl.float32) + tl.load(dyn_ptr)
+    upper = tl.zeros(y.shape, tl.float32) + tl.load(dyn_ptr + 255)
+    val = tl.load(dyn_ptr + pivot)
+    for s in tl.static_range(7):
+        up = y > val
+        lower_pivot = tl.where(up, pivot, lower_pivot)
+        lower = tl.where(up, val, lower)
+        upper_pivot = tl.where(up, upper_pivot, pivot)
+        upper = tl.where(up, upper, val)
+        pivot = tl.where(up, pivot + (64 >> s), pivot - (64 >> s))
+        val = tl.load(dyn_ptr + pivot)
+    above = tl.where(y > (upper + val) * 0.5, upper_pivot, pivot)
+    below = tl.where(y < (lower + val) * 0.5, lower_pivot, pivot)
+    return tl.where(y > val, above, below)
+
+
+# One program per nested block of 256 absmax values:
+#   c = absmax - offset (0 past the end);  nested_absmax = max |c|;  code = encode_8bit(c * fp32(1 / nested_absmax))
+@triton.jit
+def _double_quantize_kernel(
+    absmax_ptr, offset_ptr, dyn_ptr, codes_ptr, nested_absmax_ptr, nblocks, INTERPRETED: tl.constexpr
+):
+    i = tl.program_id(0).to(tl.int64) * 256 + tl.arange(0, 256)
+    mask = i < nblocks
+    centered = tl.where(mask, tl.load(absmax_ptr + i, mask=mask, other=0.0) - tl.load(offset_ptr), 0.0)
+    nested_absmax = tl.max(tl.abs(centered), axis=0)
+    y = centered * reciprocal_rn(nested_absmax, INTERPRETED)
+    tl.store(codes_ptr + i, _encode_8bit(y, dyn_ptr).to(tl.uint8), mask=mask)
+    tl.store(nested_absmax_ptr + tl.program_id(0), nested_absmax)
+
+
+_TABLES: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(thresholds, code_of_rank) on ``device``: format's tables, copied once per device."""
+    key = (quant_type, device)
+    if key not in _TABLES:
+        if quant_type == "fp4":
+            thresholds = torch.tensor(codebook.FP4_MAGNITUDE_THRESHOLDS, dtype=torch.float32)
+            code_of_rank = torch.tensor(codebook.FP4_CODE_OF_RANK, dtype=torch.int32)
+        else:
+            thresholds = format._thresholds(quant_type, torch.device("cpu"))
+            code_of_rank = torch.zeros(1, dtype=torch.int32)
+        _TABLES[key] = (thresholds.to(device), code_of_rank.to(device))
+    return _TABLES[key]
+
+
+def quantize_4bit(tensor: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data uint8 [(n+1)//2, 1], absmax fp32 [nblocks]) of a contiguous float tensor; NaN/Inf are not checked."""
+    n = tensor.numel()
+    nblocks = triton.cdiv(n, blocksize)
+    data = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=tensor.device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=tensor.device)
+    thresholds, code_of_rank = _tables(quant_type, tensor.device)
+    nb = max(1, _ELEMENTS_PER_PROGRAM // blocksize)
+    wrap_triton(_quantize_kernel)[(triton.cdiv(nblocks, nb),)](
+        tensor,
+        thresholds,
+        code_of_rank,
+        data,
+        absmax,
+        n,
+        nblocks,
+        BLOCKSIZE=blocksize,
+        NB=nb,
+        NTHRESHOLDS=thresholds.numel(),
+        SIGN_MAGNITUDE=quant_type == "fp4",
+        INTERPRETED=interpreted(),
+        num_warps=8,
+    )
+    return data, absmax
+
+
+def double_quantize(absmax: torch.Tensor, dynamic_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 [nblocks], nested_absmax fp32 [ceil(nblocks/256)], offset fp32 0-d) of an fp32 absmax."""
+    nblocks = absmax.numel()
+    offset = absmax.double().mean().float()  # torch, not a kernel: one rounding of the float64 mean everywhere
+    codes = torch.empty(nblocks, dtype=torch.uint8, device=absmax.device)
+    nested_absmax = torch.empty(triton.cdiv(nblocks, 256), dtype=torch.float32, device=absmax.device)
+    wrap_triton(_double_quantize_kernel)[(nested_absmax.numel(),)](
+        absmax, offset, dynamic_map, codes, nested_absmax, nblocks, INTERPRETED=interpreted(), num_warps=4
+    )
+    return codes, nested_absmax, offset

@@ -1,0 +1,220 @@
+"""torch.library ops ``nf4::quantize``, ``nf4::dequantize``, ``nf4::matmul`` and their public wrappers.
+
+Each op has one implementation function: Triton kernels on CUDA tensors, the vectorized PyTorch path of
+``nf4.format`` otherwise (CPU, or no Triton). The function is traceable, so it also serves as the fake
+implementation and ``torch.compile(fullgraph=True)`` sees through it (on CPU, into plain torch ops).
+``nf4::matmul`` is differentiable in its input: grad_x = grad_out @ W, W dequantized in grad_out's dtype.
+
+Example:
+    >>> q = nf4.ops.quantize(torch.randn(256, 128, device="cuda"))
+    >>> y = nf4.ops.matmul(torch.randn(4, 128, device="cuda"), q)   # [4, 256]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+
+from nf4 import format
+from nf4.format import NESTED_BLOCKSIZE, FormatError, QuantizedTensor
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    from nf4.kernels import dequantize as _kdequantize
+    from nf4.kernels import gemm as _kgemm
+    from nf4.kernels import gemv as _kgemv
+    from nf4.kernels import quantize as _kquantize
+
+# Up to this many rows of x, the fused kernel (W streamed once as 4-bit) beats dequantize + cuBLAS.
+GEMV_MAX_M = 16
+
+_op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return HAS_TRITON and t.device.type == "cuda"
+
+
+def _dequantize_torch(
+    data: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_quant_map: torch.Tensor | None,
+    nested_offset: float,
+    blocksize: int,
+    numel: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """format.dequantize in one traceable pass: no chunk loop, no host reads. Flat ``[numel]``."""
+    if nested_absmax is not None:
+        scale = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: absmax.numel()]
+        absmax = nested_quant_map[absmax.long()] * scale + nested_offset
+    codes = data.reshape(-1).long()
+    levels = torch.stack([quant_map[codes >> 4], quant_map[codes & 15]], dim=1).reshape(-1)
+    nblocks = absmax.numel()
+    levels = F.pad(levels, (0, nblocks * blocksize - levels.numel())).view(nblocks, blocksize)
+    return (levels * absmax[:, None]).reshape(-1)[:numel].to(dtype)
+
+
+# ------------------------------------------------------------------------------------------- the ops
+
+
+@_op("nf4::dequantize", mutates_args=())
+def _dequantize_op(
+    data: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_quant_map: torch.Tensor | None,
+    nested_offset: float,
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    numel = math.prod(shape)
+    args = (data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, numel, dtype)
+    flat = _kdequantize.dequantize(*args) if _on_gpu(data) else _dequantize_torch(*args)
+    return flat.view(shape)
+
+
+@_op("nf4::quantize", mutates_args=())
+def _quantize_op(
+    tensor: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(data, absmax or its 8-bit codes, nested_absmax, offset); the last two are empty without double quant.
+
+    The CPU path is ``nf4.format.quantize`` itself (eager only: it checks values on the host).
+    """
+    if _on_gpu(tensor):
+        data, absmax = _kquantize.quantize_4bit(tensor.contiguous(), quant_type, blocksize)
+        if not double_quant:
+            return data, absmax, absmax.new_empty(0), absmax.new_empty(0)
+        codes, nested_absmax, offset = _kquantize.double_quantize(absmax, format._dynamic_map(tensor.device))
+        return data, codes, nested_absmax, offset
+    q = format.quantize(tensor, quant_type, blocksize, double_quant)
+    if not double_quant:
+        return q.data, q.absmax, q.absmax.new_empty(0), q.absmax.new_empty(0)
+    return q.data, q.absmax, q.nested_absmax, torch.tensor(q.nested_offset, dtype=torch.float32)
+
+
+@_op("nf4::matmul", mutates_args=())
+def _matmul_op(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_quant_map: torch.Tensor | None,
+    nested_offset: float,
+    blocksize: int,
+    out_features: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    qargs = (data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, out_features, bias)
+    if _on_gpu(x) and _kgemv.supported(k, blocksize) and x2.shape[0] <= GEMV_MAX_M:
+        out = _kgemv.gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), *qargs)
+    elif _on_gpu(x):
+        out = _kgemm.gemm(x2, *qargs)
+    else:
+        w = _dequantize_torch(*qargs[:-2], out_features * k, x.dtype).view(out_features, k)
+        out = F.linear(x2, w, bias)
+    return out.view(*x.shape[:-1], out_features)
+
+
+if not HAS_TRITON:  # custom_op needs its fake implementation named; the torch path is traceable
+    _dequantize_op.register_fake(_dequantize_op._init_fn)
+    _matmul_op.register_fake(_matmul_op._init_fn)
+
+
+def _matmul_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    x, data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, out_features, _ = inputs
+    ctx.save_for_backward(data, absmax, quant_map, nested_absmax, nested_quant_map)
+    ctx.qmeta = (nested_offset, blocksize, [out_features, x.shape[-1]])
+
+
+def _matmul_backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+    # grad_x = grad_out @ W: W dequantized at copy speed into grad's dtype, then cuBLAS (the training shapes)
+    nested_offset, blocksize, shape = ctx.qmeta
+    w = torch.ops.nf4.dequantize(*ctx.saved_tensors, nested_offset, blocksize, shape, grad.dtype)
+    return (grad @ w,) + (None,) * 9
+
+
+_matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
+
+
+# ------------------------------------------------------------------------------------ public wrappers
+
+
+def _qargs(q: QuantizedTensor) -> tuple:
+    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.nested_offset or 0.0, q.blocksize)
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode ``q`` to its shape in ``dtype`` (default: its original dtype); equal to ``nf4.dequantize``.
+
+    Example:
+        >>> w = nf4.ops.dequantize(q, torch.bfloat16)
+    """
+    dtype = q.dtype if dtype is None else dtype
+    if dtype not in format.FLOAT_DTYPES:
+        raise FormatError(f"cannot dequantize to {dtype}; expected float32, float16 or bfloat16")
+    return torch.ops.nf4.dequantize(*_qargs(q), list(q.shape), dtype)
+
+
+def quantize(
+    tensor: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True
+) -> QuantizedTensor:
+    """``nf4.quantize`` through the op: Triton on CUDA, the reference elsewhere; the bytes are equal.
+
+    Raises:
+        FormatError: bad dtype, empty tensor, unknown quant_type or blocksize, NaN or Inf values.
+    """
+    format._check_tensor(tensor)
+    format._check_options(quant_type, blocksize)
+    data, absmax, nested_absmax, offset = torch.ops.nf4.quantize(tensor.detach(), quant_type, blocksize, double_quant)
+    # NaN/Inf anywhere makes its block's absmax, and so the mean of absmax, non-finite: one host read checks both.
+    amax = absmax if not double_quant else None
+    finite = math.isfinite(offset.item()) if double_quant else bool(torch.isfinite(amax).all())
+    if not finite:
+        raise FormatError("cannot quantize NaN or Inf values")
+    return QuantizedTensor(
+        data=data,
+        absmax=absmax,
+        quant_map=format.codebook.levels(quant_type).to(tensor.device),
+        quant_type=quant_type,
+        blocksize=blocksize,
+        shape=tensor.shape,
+        dtype=tensor.dtype,
+        nested_absmax=nested_absmax if double_quant else None,
+        nested_quant_map=format._dynamic_map(tensor.device) if double_quant else None,
+        nested_offset=offset.item() if double_quant else None,
+    )
+
+
+def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequantize(q).T + bias`` in x's dtype, without materializing W at small batch.
+
+    Args:
+        x: ``[..., K]`` float tensor on q's device.
+        q: a 2-D quantized weight ``[N, K]``.
+        bias: optional ``[N]``.
+
+    Returns:
+        ``[..., N]`` in x's dtype. Differentiable in x.
+    """
+    if len(q.shape) != 2:
+        raise ValueError(f"matmul needs a 2-D quantized weight [out_features, in_features], got shape {tuple(q.shape)}")
+    n, k = q.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim; the weight {tuple(q.shape)} expects {k}")
+    if x.dtype not in format.FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    return torch.ops.nf4.matmul(x, *_qargs(q), n, bias)

@@ -1,0 +1,83 @@
+"""The Triton kernels at real sizes on a GPU (skipped without CUDA): fresh random inputs, poisoned outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nf4
+from nf4 import ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not ops.HAS_TRITON, reason="needs CUDA and Triton")
+
+
+def _poison() -> None:
+    """Fill freed cached memory with NaN, so that an output the kernel fails to write shows up."""
+    junk = torch.full((1 << 28,), float("nan"), device="cuda")
+    del junk
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (1000, 333), (4097,), (3, 5, 7)])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_dequantize_equal_reference(shape: tuple, quant_type: str, dtype: torch.dtype) -> None:
+    x = torch.randn(shape, device="cuda", dtype=dtype) * torch.rand(1).item() * 10
+    x.view(-1)[:64] = 0  # an all-zero block
+    for blocksize in (64, 256):
+        _poison()
+        ours = ops.quantize(x, quant_type, blocksize)
+        ref = nf4.quantize(x, quant_type, blocksize)
+        assert torch.equal(ours.data, ref.data) and torch.equal(ours.absmax, ref.absmax)
+        assert torch.equal(ours.nested_absmax, ref.nested_absmax) and ours.nested_offset == ref.nested_offset
+        for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+            _poison()
+            assert torch.equal(ops.dequantize(ours, out_dtype), nf4.dequantize(ref, out_dtype))
+
+
+def test_quantize_equals_bitsandbytes_cuda() -> None:
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
+    q = ops.quantize(w)
+    data, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+    assert torch.equal(q.data.view(-1), data.view(-1))
+    assert torch.equal(q.absmax, state.absmax) and torch.equal(q.nested_absmax, state.state2.absmax)
+
+
+def test_quantize_rejects_nan() -> None:
+    x = torch.randn(4096, device="cuda")
+    x[100] = float("nan")
+    with pytest.raises(nf4.FormatError, match="NaN"):
+        ops.quantize(x)
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 33, 300])
+@pytest.mark.parametrize("nk", [(4096, 4096), (1023, 4096), (4096, 14336), (64, 100)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_matmul_matches_dequantize_then_fp32_matmul(m: int, nk: tuple, dtype: torch.dtype) -> None:
+    n, k = nk
+    q = ops.quantize(torch.randn(n, k, device="cuda"), blocksize=64 if k % 64 == 0 else 32)
+    x = torch.randn(2, m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    _poison()
+    out = ops.matmul(x, q, bias)
+    ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
+    # fp32 accumulation over K of the same dtype-rounded weights: error ~ one rounding of the output dtype
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.dtype == dtype and out.shape == (2, m, n) and rel < {torch.float32: 1e-5}.get(dtype, 4e-3)
+
+
+def test_matmul_input_gradient() -> None:
+    q = ops.quantize(torch.randn(512, 256, device="cuda"))
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ops.matmul(x, q).float().pow(2).sum().backward()
+    x_ref = x.detach().float().requires_grad_()
+    (x_ref @ ops.dequantize(q, torch.float32).T).pow(2).sum().backward()
+    rel = ((x.grad.float() - x_ref.grad).norm() / x_ref.grad.norm()).item()
+    assert rel < 1e-2
+
+
+def test_compile_fullgraph() -> None:
+    q = ops.quantize(torch.randn(256, 128, device="cuda"))
+    x = torch.randn(4, 128, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(lambda x: ops.matmul(x, q), fullgraph=True)
+    torch.testing.assert_close(compiled(x), ops.matmul(x, q))
