@@ -9,6 +9,9 @@ module hard-codes a level or a threshold).
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 
 # NF4 (QLoRA, bitsandbytes): 7 negative levels, an exact 0, 8 positive levels, ends at ±1.
@@ -26,7 +29,8 @@ _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 FP4_LEVELS: tuple[float, ...] = tuple(m / 12 for m in _FP4_MAGNITUDES) + tuple(-m / 12 for m in _FP4_MAGNITUDES)
 
 # FP4 decision thresholds on |x| (bitsandbytes' CUDA literals: decimal truncations of the magnitude
-# midpoints, so not exactly the midpoints), and the magnitude code of each rank 0..7 (ascending magnitude).
+# midpoints, so not exactly the midpoints; each is its nearest fp32), and the magnitude code of each
+# rank 0..7 (ascending magnitude).
 FP4_MAGNITUDE_THRESHOLDS: tuple[float, ...] = (
     0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333,
 )  # fmt: skip
@@ -56,12 +60,23 @@ def normal_float(bits: int) -> torch.Tensor:
 
 
 def midpoints(levels: torch.Tensor) -> torch.Tensor:
-    """Decision thresholds between ascending levels: float64 midpoints rounded once to fp32.
+    """Decision thresholds between ascending levels, exactly as bitsandbytes' CUDA kernel compares.
 
-    For NF4 these equal bitsandbytes' CUDA literals bit for bit (checked in the tests).
+    bitsandbytes wrote each float64 midpoint into its source as a shortest-repr decimal literal, which the
+    compiler rounds (once) to the nearest fp32. Four of NF4's midpoints lie exactly half-way between two
+    fp32 values, and there the decimal's last digit decides the side, not ties-to-even; so we round the same
+    decimal string the same way (checked against the CUDA fixtures).
     """
-    lv = levels.double()
-    return ((lv[1:] + lv[:-1]) / 2).float()
+    mids = ((levels.double()[1:] + levels.double()[:-1]) / 2).tolist()
+    return torch.tensor([_nearest_f32(repr(m)) for m in mids], dtype=torch.float32)
+
+
+def _nearest_f32(decimal: str) -> float:
+    """The fp32 value nearest to a decimal string (a single rounding, unlike str -> float64 -> fp32)."""
+    exact = Fraction(decimal)
+    guess = torch.tensor(float(exact), dtype=torch.float32)
+    candidates = [torch.nextafter(guess, torch.tensor(-math.inf)), guess, torch.nextafter(guess, torch.tensor(math.inf))]
+    return min((c.item() for c in candidates), key=lambda c: abs(Fraction(c) - exact))
 
 
 def dynamic_map_signed() -> torch.Tensor:

@@ -18,8 +18,13 @@ Layout of a tensor of ``n`` elements, flattened in row-major order::
 
     value_i = level[c_i] * absmax[i // blocksize]   (fp32 product, rounded once to the output dtype)
 
-An all-zero block has absmax 0; bitsandbytes' CUDA kernel then compares NaN (0 * 1/0) with every
-threshold, which is false, so every code in the block is 0. We follow that rule (its CPU path writes 7).
+bitsandbytes' CUDA kernels, which wrote the checkpoints, are built with fast math, and the bytes show it:
+  - 1/absmax is the GPU's rcp.approx.ftz.f32 (within 1 ulp of the true reciprocal, not correctly rounded);
+    we reproduce it from a table of its per-mantissa deviation, measured exhaustively on an H200
+    (``rcp_approx.bin``, tests/golden/probe_rcp.py);
+  - subnormal fp32 values (inputs, products) are flushed to zero.
+An all-zero block has absmax 0; the kernel then compares NaN (0 * 1/0) with every threshold, which is
+false, so every code in the block is 0. We follow that rule (bitsandbytes' CPU path writes 7).
 Bits per parameter: 4 + 32/blocksize, or 4 + 8/blocksize + 32/(256 blocksize) with double quant.
 """
 
@@ -27,7 +32,9 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass, replace
+from importlib.resources import files
 
 import torch
 
@@ -39,6 +46,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements quantized per step: bounds the float32 temporaries (a few MiB) whatever the tensor's size.
 CHUNK_ELEMENTS = 1 << 18
 
+FLT_MIN = 2.0**-126  # smallest normal fp32: anything smaller is flushed to zero, as on the GPU
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -115,7 +123,7 @@ class QuantizedTensor:
         if self.nested_absmax is None:
             return self.absmax
         scale = self.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: self.absmax.numel()]
-        return self.nested_quant_map[self.absmax.long()] * scale + torch.tensor(
+        return _flush(self.nested_quant_map[self.absmax.long()] * scale) + torch.tensor(
             self.nested_offset, dtype=torch.float32, device=self.absmax.device
         )
 
@@ -186,7 +194,7 @@ def _encode_4bit(y: torch.Tensor, quant_type: str) -> torch.Tensor:
         rank = torch.bucketize(y.abs(), thresholds, out_int32=True)
         rank.masked_fill_(y.isnan(), 0)
         code = torch.tensor(codebook.FP4_CODE_OF_RANK, dtype=torch.int32, device=y.device)[rank]
-        return code | ((y < 0).int() << 3)
+        return code | ((y < 0).int() << 3)  # y is flushed: a subnormal negative is +0 here, as on the GPU
     # Ascending levels: the code is the number of thresholds strictly below y, so a tie goes to the
     # lower code. bucketize(right=False) returns exactly #{t : t < y}.
     code = torch.bucketize(y, _thresholds(quant_type, y.device), out_int32=True)
@@ -204,14 +212,36 @@ def _thresholds(quant_type: str, device: torch.device) -> torch.Tensor:
     return _THRESHOLDS[key]
 
 
+_RCP_DELTA: dict[torch.device, torch.Tensor] = {}
+
+
+def _reciprocal(a: torch.Tensor) -> torch.Tensor:
+    """rcp.approx.ftz.f32 of fp32 a >= 0, bit for bit: 1/a correctly rounded, then moved by the tabulated
+    deviation (-1, 0 or +1 ulp) of a's mantissa; the exponent only scales. 0 -> inf; a > 2**126 -> 0
+    (the subnormal result is flushed)."""
+    if a.device not in _RCP_DELTA:
+        raw = zlib.decompress((files("nf4") / "rcp_approx.bin").read_bytes())
+        _RCP_DELTA[a.device] = (torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int8) - 1).to(a.device)
+    delta = _RCP_DELTA[a.device][(a.view(torch.int32) & 0x7FFFFF).long()]
+    r = (torch.reciprocal(a).view(torch.int32) + delta).view(torch.float32)
+    r = torch.where(a == 0, math.inf, r)
+    return torch.where(a > 2.0**126, 0.0, r)
+
+
+def _flush(x: torch.Tensor) -> torch.Tensor:
+    """Flush subnormals to zero, as fast-math GPU code does."""
+    return x.masked_fill(x.abs() < FLT_MIN, 0.0)
+
+
 def _quantize_blocks(x: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x: fp32 [nblocks, blocksize] (a partial block zero-padded) -> (codes int32 like x, absmax fp32 [nblocks])."""
+    x = _flush(x)
     absmax = x.abs().amax(dim=1)
     if not torch.isfinite(absmax).all():  # NaN and Inf both survive max |x|: one cheap check per block
         bad = (~torch.isfinite(absmax)).nonzero()[0, 0].item()
         raise FormatError(f"cannot quantize NaN or Inf values (found in block {bad})")
-    # bitsandbytes multiplies by the fp32 reciprocal rather than dividing: the exact rounding matters.
-    y = x * torch.reciprocal(absmax).unsqueeze(1)
+    # bitsandbytes multiplies by the (approximate) reciprocal rather than dividing: the rounding matters.
+    y = _flush(x * _reciprocal(absmax).unsqueeze(1))
     return _encode_4bit(y, quant_type), absmax
 
 
@@ -315,8 +345,9 @@ def double_quantize(q: QuantizedTensor) -> QuantizedTensor:
     centered = absmax - offset
     nb = centered.numel()
     padded = torch.nn.functional.pad(centered, (0, -nb % NESTED_BLOCKSIZE)).view(-1, NESTED_BLOCKSIZE)
+    padded = _flush(padded)
     nested_absmax = padded.abs().amax(dim=1)
-    y = padded * torch.reciprocal(nested_absmax).unsqueeze(1)
+    y = _flush(padded * _reciprocal(nested_absmax).unsqueeze(1))
     dyn = _dynamic_map(absmax.device)
     codes = _encode_8bit(y, dyn).view(-1)[:nb]
     return replace(q, absmax=codes, nested_absmax=nested_absmax, nested_quant_map=dyn, nested_offset=offset.item())
@@ -356,6 +387,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
         vals = table[codes[start // 2 : (stop + 1) // 2].int()].view(-1)
         vals = torch.nn.functional.pad(vals, (0, (b1 - b0) * bs - vals.numel())).view(-1, bs)
         torch.mul(vals, absmax[b0:b1, None], out=vals)
+        vals.masked_fill_(vals.abs() < FLT_MIN, 0.0)
         out[start:stop] = vals.view(-1)[: stop - start]
     return out.view(q.shape)
 
