@@ -14,7 +14,7 @@ and ``load_state_dict()`` work as for any module. On disk the keys are transform
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +177,17 @@ class LinearNF4(nn.Module):
         compute_dtype = self.compute_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
         bias = None if self.bias is None else self.bias.to(compute_dtype)
         return _linear(x.to(compute_dtype), self.qweight, bias).to(x.dtype)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LinearNF4:
+        # Module.to(dtype) and .half() cast every floating buffer, but the quant state must stay fp32 (casting
+        # it would change the weight): set the fp32 buffers aside and let them follow the packed data's device.
+        fp32 = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        for name in fp32:
+            del self._buffers[name]
+        super()._apply(fn, recurse)
+        for name, b in fp32.items():
+            self._buffers[name] = b.to(self.weight.device)
+        return self
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
