@@ -28,8 +28,9 @@ if HAS_TRITON:
     from nf4.kernels import gemv as _kgemv
     from nf4.kernels import quantize as _kquantize
 
-# Up to this many rows of x, the fused kernel (W streamed once as 4-bit) beats dequantize + cuBLAS.
-GEMV_MAX_M = 16
+# Up to this many rows of x, the fused kernel (W streamed once as 4-bit) beats dequantize + cuBLAS. Measured on
+# an H200 (docs/BENCHMARKS_GPU.md): its tensor-core variant (M = 2..16) is still slower than dequantize + cuBLAS.
+GEMV_MAX_M = 1
 
 _op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
 
@@ -52,12 +53,12 @@ def _dequantize_torch(
     """format.dequantize in one traceable pass: no chunk loop, no host reads. Flat ``[numel]``."""
     if nested_absmax is not None:
         scale = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: absmax.numel()]
-        absmax = nested_quant_map[absmax.long()] * scale + nested_offset
+        absmax = format._flush(nested_quant_map[absmax.long()] * scale) + nested_offset
     codes = data.reshape(-1).long()
     levels = torch.stack([quant_map[codes >> 4], quant_map[codes & 15]], dim=1).reshape(-1)
     nblocks = absmax.numel()
     levels = F.pad(levels, (0, nblocks * blocksize - levels.numel())).view(nblocks, blocksize)
-    return (levels * absmax[:, None]).reshape(-1)[:numel].to(dtype)
+    return format._flush(levels * absmax[:, None]).reshape(-1)[:numel].to(dtype)
 
 
 # ------------------------------------------------------------------------------------------- the ops

@@ -24,18 +24,32 @@ def mul_rn(a, b, INTERPRETED: tl.constexpr):
         return libdevice.mul_rn(a, b)
 
 
-# 1 / x correctly rounded (torch.reciprocal), whatever the compiler's default division.
+# 1 / x as bitsandbytes' fast-math CUDA kernels compute it: rcp.approx.ftz.f32 (within 1 ulp, not correctly
+# rounded). Interpreted, it is rebuilt as format does: 1/x correctly rounded, moved by the tabulated ulp
+# deviation of x's mantissa (rcp_delta_ptr, int32 [2**23]); 0 -> inf, x > 2**126 -> 0 (flushed).
 @triton.jit
-def reciprocal_rn(x, INTERPRETED: tl.constexpr):
+def reciprocal_approx(x, rcp_delta_ptr, INTERPRETED: tl.constexpr):
     if INTERPRETED:
-        return 1.0 / x
+        bits = (1.0 / x).to(tl.int32, bitcast=True)
+        bits += tl.load(rcp_delta_ptr + (x.to(tl.int32, bitcast=True) & 0x7FFFFF))
+        r = bits.to(tl.float32, bitcast=True)
+        r = tl.where(x == 0, float("inf"), r)
+        return tl.where(x > 2.0**126, 0.0, r).to(tl.float32)
     else:
-        return libdevice.div_rn(tl.full(x.shape, 1.0, tl.float32), x)
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+
+# Subnormal fp32 -> 0, as the fast-math (FTZ) code that wrote the reference bytes does.
+@triton.jit
+def flush(x):
+    return tl.where(tl.abs(x) < 1.1754943508222875e-38, 0.0, x).to(tl.float32)
 
 
 # absmax of 4-bit block b (any int tensor of block indices, masked lanes read block 0):
 #   plain:        absmax[b]                                               (fp32)
-#   double quant: nested_quant_map[absmax[b]] * nested_absmax[b // 256] + offset   (two fp32 roundings)
+#   double quant: flush(nested_quant_map[absmax[b]] * nested_absmax[b // 256]) + offset   (two fp32 roundings)
 @triton.jit
 def load_absmax(
     absmax_ptr,
@@ -50,7 +64,7 @@ def load_absmax(
     if DOUBLE_QUANT:
         code = tl.load(absmax_ptr + b, mask=mask, other=0).to(tl.int32)
         scale = tl.load(nested_absmax_ptr + b // 256, mask=mask, other=0.0)
-        return mul_rn(tl.load(nested_quant_map_ptr + code), scale, INTERPRETED) + nested_offset
+        return flush(mul_rn(tl.load(nested_quant_map_ptr + code), scale, INTERPRETED)) + nested_offset
     else:
         return tl.load(absmax_ptr + b, mask=mask, other=0.0)
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from nf4.kernels.common import interpreted, load_absmax, round_to
+from nf4.kernels.common import flush, interpreted, load_absmax, round_to
 
 # Bytes of codes per program: enough in flight per SM to reach copy bandwidth, few enough programs to fill the GPU.
 _BYTES_PER_PROGRAM = 4096
@@ -19,7 +19,7 @@ _BYTES_PER_PROGRAM = 4096
 
 # A program decodes NB whole blocks; block b holds elements [b*BS, (b+1)*BS) and bytes [b*BS/2, (b+1)*BS/2).
 #   byte j -> elements 2j (high nibble) and 2j+1 (low nibble)
-#   value  = fp32(quant_map[code] * absmax[b]) rounded once to the output dtype
+#   value  = flush(fp32(quant_map[code] * absmax[b])) rounded once to the output dtype
 @triton.jit
 def _dequantize_kernel(
     data_ptr,
@@ -44,8 +44,8 @@ def _dequantize_kernel(
         absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset, blk, blk < nblocks,
         DOUBLE_QUANT, INTERPRETED,
     )[:, None]  # fmt: skip
-    hi = tl.load(quant_map_ptr + (code >> 4)) * absmax
-    lo = tl.load(quant_map_ptr + (code & 15)) * absmax
+    hi = flush(tl.load(quant_map_ptr + (code >> 4)) * absmax)
+    lo = flush(tl.load(quant_map_ptr + (code & 15)) * absmax)
     vals = round_to(tl.reshape(tl.join(hi, lo), (NB, BLOCKSIZE)), out_ptr.dtype.element_ty, INTERPRETED)
     elem = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + elem, vals, mask=elem < n)

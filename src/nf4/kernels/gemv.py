@@ -121,7 +121,7 @@ def default_config(m: int, n: int, blocksize: int) -> GemvConfig:
     kb = max(1, 512 // blocksize)
     if m == 1:
         return GemvConfig(block_n=16 if n <= 8192 else 32, kb=kb, num_warps=4, num_stages=3)
-    return GemvConfig(block_n=32 if n <= 8192 else 64, kb=kb, num_warps=4, num_stages=3)
+    return GemvConfig(block_n=32, kb=kb, num_warps=4, num_stages=2)
 
 
 def supported(k: int, blocksize: int) -> bool:

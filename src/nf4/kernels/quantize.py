@@ -13,7 +13,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from nf4 import codebook, format
-from nf4.kernels.common import interpreted, reciprocal_rn
+from nf4.kernels.common import flush, interpreted, reciprocal_approx
 
 _ELEMENTS_PER_PROGRAM = 8192
 
@@ -34,12 +34,13 @@ def _encode(y, thresholds_ptr, code_of_rank_ptr, NTHRESHOLDS: tl.constexpr, SIGN
 
 
 # A program quantizes NB whole blocks, loaded as [NB, BS/2, 2] so that the pair (2j, 2j+1) splits into the
-# high and low nibble of byte j.   absmax_b = max |x| over block b;  y = x * fp32(1 / absmax_b).
+# high and low nibble of byte j.   x <- flush(x);  absmax_b = max |x| over block b;  y = flush(x * rcp(absmax_b)).
 @triton.jit
 def _quantize_kernel(
     x_ptr,
     thresholds_ptr,
     code_of_rank_ptr,
+    rcp_delta_ptr,
     data_ptr,
     absmax_ptr,
     n,
@@ -54,10 +55,12 @@ def _quantize_kernel(
     blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)  # [NB]
     pair = blk[:, None] * HB + tl.arange(0, HB)[None, :]  # [NB, HB] = byte index
     elem = pair[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]  # [NB, HB, 2]
-    x = tl.load(x_ptr + elem, mask=elem < n, other=0.0).to(tl.float32)
-    nan: tl.constexpr = tl.PropagateNan.ALL  # a NaN input must give a NaN absmax, which the caller rejects
-    absmax = tl.max(tl.max(tl.abs(x), axis=2, propagate_nan=nan), axis=1, propagate_nan=nan)  # [NB]
-    y = x * reciprocal_rn(absmax, INTERPRETED)[:, None, None]
+    x = flush(tl.load(x_ptr + elem, mask=elem < n, other=0.0).to(tl.float32))
+    absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)  # [NB]
+    # GPU max drops NaN; a NaN input must still give a NaN absmax, which the caller rejects
+    has_nan = tl.max(tl.max((x != x).to(tl.int32), axis=2), axis=1) > 0
+    absmax = tl.where(has_nan, float("nan"), absmax).to(tl.float32)
+    y = flush(x * reciprocal_approx(absmax, rcp_delta_ptr, INTERPRETED)[:, None, None])
     code = _encode(y, thresholds_ptr, code_of_rank_ptr, NTHRESHOLDS, SIGN_MAGNITUDE)
     high, low = tl.split(code)
     tl.store(data_ptr + pair, ((high << 4) | low).to(tl.uint8), mask=pair < (n + 1) // 2)
@@ -89,16 +92,17 @@ def _encode_8bit(y, dyn_ptr):
 
 
 # One program per nested block of 256 absmax values:
-#   c = absmax - offset (0 past the end);  nested_absmax = max |c|;  code = encode_8bit(c * fp32(1 / nested_absmax))
+#   c = flush(absmax - offset) (0 past the end);  nested_absmax = max |c|
+#   code = encode_8bit(flush(c * rcp(nested_absmax)))
 @triton.jit
 def _double_quantize_kernel(
-    absmax_ptr, offset_ptr, dyn_ptr, codes_ptr, nested_absmax_ptr, nblocks, INTERPRETED: tl.constexpr
+    absmax_ptr, offset_ptr, dyn_ptr, rcp_delta_ptr, codes_ptr, nested_absmax_ptr, nblocks, INTERPRETED: tl.constexpr
 ):
     i = tl.program_id(0).to(tl.int64) * 256 + tl.arange(0, 256)
     mask = i < nblocks
-    centered = tl.where(mask, tl.load(absmax_ptr + i, mask=mask, other=0.0) - tl.load(offset_ptr), 0.0)
+    centered = flush(tl.where(mask, tl.load(absmax_ptr + i, mask=mask, other=0.0) - tl.load(offset_ptr), 0.0))
     nested_absmax = tl.max(tl.abs(centered), axis=0)
-    y = centered * reciprocal_rn(nested_absmax, INTERPRETED)
+    y = flush(centered * reciprocal_approx(nested_absmax, rcp_delta_ptr, INTERPRETED))
     tl.store(codes_ptr + i, _encode_8bit(y, dyn_ptr).to(tl.uint8), mask=mask)
     tl.store(nested_absmax_ptr + tl.program_id(0), nested_absmax)
 
@@ -120,6 +124,11 @@ def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.
     return _TABLES[key]
 
 
+def _rcp_delta(device: torch.device) -> torch.Tensor:
+    """The interpreter's reciprocal table (format's); compiled kernels use the instruction and never read it."""
+    return format._rcp_delta(device) if interpreted() else torch.empty(1, dtype=torch.int32, device=device)
+
+
 def quantize_4bit(tensor: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(data uint8 [(n+1)//2, 1], absmax fp32 [nblocks]) of a contiguous float tensor; NaN/Inf are not checked."""
     n = tensor.numel()
@@ -132,6 +141,7 @@ def quantize_4bit(tensor: torch.Tensor, quant_type: str, blocksize: int) -> tupl
         tensor,
         thresholds,
         code_of_rank,
+        _rcp_delta(tensor.device),
         data,
         absmax,
         n,
@@ -153,6 +163,14 @@ def double_quantize(absmax: torch.Tensor, dynamic_map: torch.Tensor) -> tuple[to
     codes = torch.empty(nblocks, dtype=torch.uint8, device=absmax.device)
     nested_absmax = torch.empty(triton.cdiv(nblocks, 256), dtype=torch.float32, device=absmax.device)
     wrap_triton(_double_quantize_kernel)[(nested_absmax.numel(),)](
-        absmax, offset, dynamic_map, codes, nested_absmax, nblocks, INTERPRETED=interpreted(), num_warps=4
+        absmax,
+        offset,
+        dynamic_map,
+        _rcp_delta(absmax.device),
+        codes,
+        nested_absmax,
+        nblocks,
+        INTERPRETED=interpreted(),
+        num_warps=4,
     )
     return codes, nested_absmax, offset
