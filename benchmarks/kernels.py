@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/kernels.py [--out DIR] [--sweep]. Prints one JSON line per measurement, a table
 last, and writes kernels.json to DIR. Medians of CUDA-event timings (triton.testing.do_bench); M <= 128, dequantize
-and the quantize kernels replayed under a CUDA graph, where launch gaps vanish. --sweep also times other fused-kernel tile shapes.
+and the quantize kernels replayed under a CUDA graph, where launch gaps vanish. --sweep: more gemv tiles.
 """
 
 from __future__ import annotations

@@ -1,0 +1,91 @@
+"""Every Triton kernel under TRITON_INTERPRET=1 on CPU tensors, against the reference format (tiny sizes)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+# @triton.jit reads TRITON_INTERPRET when nf4.kernels is first imported, which another test may do first.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="run as: TRITON_INTERPRET=1 pytest tests/test_kernels.py"
+)
+
+from nf4 import format  # noqa: E402
+from nf4.kernels import dequantize as kdequantize  # noqa: E402
+from nf4.kernels import gemm as kgemm  # noqa: E402
+from nf4.kernels import gemv as kgemv  # noqa: E402
+from nf4.kernels import quantize as kquantize  # noqa: E402
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _qargs(q: format.QuantizedTensor) -> tuple:
+    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.nested_offset or 0.0, q.blocksize)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+@pytest.mark.parametrize("n", [7, 1000, 64 * 9 + 1])
+def test_quantize_and_dequantize_equal_reference(quant_type: str, blocksize: int, n: int) -> None:
+    x = torch.randn(n, dtype=torch.bfloat16) * 3
+    x[:blocksize] = 0  # an all-zero block: NaN scale, every code 0
+    x[-1] = 1e-39  # a subnormal: flushed, as the GPU reference does
+    data, absmax = kquantize.quantize_4bit(x, quant_type, blocksize)
+    ref = format.quantize(x, quant_type, blocksize, double_quant=False)
+    assert torch.equal(data, ref.data) and torch.equal(absmax, ref.absmax)
+    codes, nested_absmax, offset = kquantize.double_quantize(absmax, format._dynamic_map(absmax.device))
+    ref_dq = format.double_quantize(ref)
+    assert torch.equal(codes, ref_dq.absmax) and torch.equal(nested_absmax, ref_dq.nested_absmax)
+    assert offset.item() == ref_dq.nested_offset
+    for q in (ref, ref_dq):
+        for dtype in DTYPES:
+            out = kdequantize.dequantize(*_qargs(q), n, dtype)
+            assert torch.equal(out, format.dequantize(q, dtype).view(-1))
+
+
+def test_double_quantize_many_nested_blocks() -> None:
+    absmax = torch.rand(256 * 3 + 5) * 4
+    codes, nested_absmax, offset = kquantize.double_quantize(absmax, format._dynamic_map(absmax.device))
+    q = format.QuantizedTensor(absmax, absmax, absmax, "nf4", 64, torch.Size([1]), torch.float32)
+    ref = format.double_quantize(q)
+    assert torch.equal(codes, ref.absmax) and torch.equal(nested_absmax, ref.nested_absmax)
+
+
+def test_quantize_nan_gives_nan_absmax() -> None:
+    x = torch.randn(300)
+    x[70] = float("nan")
+    assert kquantize.quantize_4bit(x, "nf4", 64)[1][1].isnan()
+
+
+# Tolerance: both sides multiply the same dtype-rounded weights and accumulate in fp32 (ours in another order),
+# then round once to the output dtype: ~ one rounding of that dtype, relative to the output's norm.
+TOLERANCE = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("mnk", [(1, 33, 256), (3, 40, 128), (16, 17, 512), (5, 64, 192)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_gemv_matches_dequantize_then_fp32_matmul(mnk: tuple, dtype: torch.dtype, double_quant: bool) -> None:
+    m, n, k = mnk
+    q = format.quantize(torch.randn(n, k), blocksize=64 if k % 64 == 0 else 32, double_quant=double_quant)
+    x = torch.randn(m, k, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype)
+    out = kgemv.gemv(x, *_qargs(q), n, bias)
+    ref = x.float() @ format.dequantize(q, dtype).float().T + bias.float()
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
+
+
+def test_gemv_rejects_partial_blocks_per_row() -> None:
+    assert not kgemv.supported(100, 64) and kgemv.supported(128, 64)
+
+
+def test_gemm_any_shape() -> None:
+    n, k = 9, 41  # K not a multiple of the block, odd N: blocks straddle rows
+    q = format.quantize(torch.randn(n, k), blocksize=32)
+    x = torch.randn(4, k)
+    out = kgemm.gemm(x, *_qargs(q), n, None)
+    torch.testing.assert_close(out, x @ format.dequantize(q).T)
