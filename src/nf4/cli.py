@@ -1,0 +1,175 @@
+"""The ``nf4`` command: quantize a model to a transformers + bitsandbytes 4-bit folder, inspect one, generate text.
+
+    nf4 quantize [SRC] OUT [--quant-type nf4|fp4] [--blocksize 64] [--no-double-quant] [--skip lm_head]
+    nf4 inspect CKPT
+    nf4 generate CKPT --prompt "..." [--max-new-tokens 64] [--temperature 0] [--top-p 1]
+
+SRC is a Hugging Face folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct). Bad input exits
+with status 1 and one line on stderr; nothing is written to OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+from nf4 import checkpoint
+from nf4.format import BLOCKSIZES, FormatError
+
+T = TypeVar("T")
+
+
+def _progress(enabled: bool) -> checkpoint.Progress | None:
+    """tqdm bars on stderr when tqdm is installed and output is for people."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        return None
+
+    def bar(items: list[T], desc: str) -> Iterable[T]:
+        return tqdm(items, desc=desc, unit="tensor", leave=False, file=sys.stderr)
+
+    return bar
+
+
+def _quantize(args: argparse.Namespace) -> dict[str, Any]:
+    if len(args.paths) > 2:
+        raise ValueError(f"quantize takes [SRC] OUT, got {len(args.paths)} paths")
+    src, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    start = time.perf_counter()
+    checkpoint.check_writable(out, args.overwrite)  # fail before the slow part
+    model = checkpoint.from_pretrained(
+        src,
+        quant_type=args.quant_type,
+        blocksize=args.blocksize,
+        double_quant=args.double_quant,
+        skip=args.skip,
+        progress=_progress(not args.json),
+    )
+    tokenizer = checkpoint.load_tokenizer(src) if checkpoint.has_tokenizer(src) else None
+    path = checkpoint.save_pretrained(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
+    rows = checkpoint.describe(path)
+    return {
+        "src": str(src or checkpoint.default_gguf()),
+        "out": str(path),
+        "seconds": round(time.perf_counter() - start, 2),
+        **_totals(rows),
+    }
+
+
+def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    params = sum(r["numel"] for r in rows)
+    size = sum(r["bytes"] for r in rows)
+    return {"params": params, "bytes": size, "bf16_bytes": 2 * params, "vs_bf16": round(size / (2 * params), 4)}
+
+
+def _inspect(args: argparse.Namespace) -> dict[str, Any]:
+    rows = checkpoint.describe(args.ckpt)
+    return {"tensors": rows, "totals": _totals(rows)}
+
+
+def _generate(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    model = checkpoint.from_pretrained(args.ckpt, progress=_progress(not args.json))
+    tokenizer = checkpoint.load_tokenizer(args.ckpt)
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": args.prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = args.prompt
+    inputs = tokenizer(text, return_tensors="pt")
+    sample = args.temperature > 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=sample,
+            temperature=args.temperature if sample else None,
+            top_p=args.top_p if sample else None,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    seconds = time.perf_counter() - start
+    new = out[0, inputs["input_ids"].shape[1] :]
+    return {
+        "text": tokenizer.decode(new, skip_special_tokens=True),
+        "new_tokens": int(new.numel()),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(new.numel() / seconds, 2),
+    }
+
+
+def _print_human(command: str, result: dict[str, Any]) -> None:
+    mib = 1 << 20
+    if command == "inspect":
+        print(f"{'tensor':<58} {'shape':>14} {'format':>12} {'bits/param':>10} {'bytes':>12}")
+        for r in result["tensors"]:
+            shape = "x".join(map(str, r["shape"]))
+            print(f"{r['name']:<58} {shape:>14} {r['format']:>12} {r['bits_per_param']:>10.3f} {r['bytes']:>12,}")
+    if command in ("inspect", "quantize"):
+        t = result.get("totals", result)
+        print(
+            f"total: {t['params']:,} params, {t['bytes'] / mib:.1f} MiB "
+            f"({8 * t['bytes'] / t['params']:.3f} bits/param), {t['vs_bf16']:.1%} of bf16 "
+            f"({t['bf16_bytes'] / mib:.1f} MiB)"
+        )
+    if command == "quantize":
+        print(f"wrote {result['out']} in {result['seconds']} s")
+    if command == "generate":
+        print(result["text"])
+        print(f"[{result['new_tokens']} tokens in {result['seconds']} s: {result['tokens_per_s']} tokens/s]")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nf4", description="NF4 (4-bit NormalFloat) models, bitsandbytes-compatible.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object instead of text and progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", parents=[common], help="quantize a HF folder or a .gguf file to a 4-bit folder")
+    q.add_argument("paths", nargs="+", metavar="[SRC] OUT", help="source (default: embedded SmolLM2) and output folder")
+    q.add_argument("--quant-type", choices=checkpoint.BNB_QUANT_TYPES, default="nf4")
+    q.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64)
+    q.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="keep absmax in fp32")
+    q.add_argument("--skip", nargs="*", default=["lm_head"], help="Linear layers kept in float (default: lm_head)")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    i = sub.add_parser(
+        "inspect", parents=[common], help="per tensor: shape, format, bits/param, bytes; totals against bf16"
+    )
+    i.add_argument("ckpt")
+
+    g = sub.add_parser("generate", parents=[common], help="generate text with the model's own tokenizer")
+    g.add_argument("ckpt")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nf4`` script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    run = {"quantize": _quantize, "inspect": _inspect, "generate": _generate}[args.command]
+    try:
+        result = run(args)
+    except (checkpoint.CheckpointError, FormatError, ValueError, OSError) as e:
+        print(f"nf4 {args.command}: error: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_human(args.command, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
