@@ -38,7 +38,7 @@ from importlib.resources import files
 
 import torch
 
-from nf4 import codebook
+from nf4 import codebook, cpu
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -215,17 +215,29 @@ def _thresholds(quant_type: str, device: torch.device) -> torch.Tensor:
 _RCP_DELTA: dict[torch.device, torch.Tensor] = {}
 
 
+def _rcp_delta(device: torch.device) -> torch.Tensor:
+    """int32 [2**23]: ulps that rcp.approx.ftz.f32 adds to the correctly rounded 1/m, per fp32 mantissa m."""
+    if device not in _RCP_DELTA:
+        raw = zlib.decompress((files("nf4") / "rcp_approx.bin").read_bytes())
+        _RCP_DELTA[device] = (torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int32) - 1).to(device)
+    return _RCP_DELTA[device]
+
+
 def _reciprocal(a: torch.Tensor) -> torch.Tensor:
     """rcp.approx.ftz.f32 of fp32 a >= 0, bit for bit: 1/a correctly rounded, then moved by the tabulated
     deviation (-1, 0 or +1 ulp) of a's mantissa; the exponent only scales. 0 -> inf; a > 2**126 -> 0
     (the subnormal result is flushed)."""
-    if a.device not in _RCP_DELTA:
-        raw = zlib.decompress((files("nf4") / "rcp_approx.bin").read_bytes())
-        _RCP_DELTA[a.device] = (torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int8) - 1).to(a.device)
-    delta = _RCP_DELTA[a.device][(a.view(torch.int32) & 0x7FFFFF).long()]
+    delta = _rcp_delta(a.device)[(a.view(torch.int32) & 0x7FFFFF).long()]
     r = (torch.reciprocal(a).view(torch.int32) + delta).view(torch.float32)
     r = torch.where(a == 0, math.inf, r)
     return torch.where(a > 2.0**126, 0.0, r)
+
+
+def _check_finite(absmax: torch.Tensor) -> None:
+    """NaN and Inf both survive max |x|: one cheap check per block instead of one per element."""
+    if not torch.isfinite(absmax).all():
+        bad = (~torch.isfinite(absmax)).nonzero()[0, 0].item()
+        raise FormatError(f"cannot quantize NaN or Inf values (found in block {bad})")
 
 
 def _flush(x: torch.Tensor) -> torch.Tensor:
@@ -237,9 +249,7 @@ def _quantize_blocks(x: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, to
     """x: fp32 [nblocks, blocksize] (a partial block zero-padded) -> (codes int32 like x, absmax fp32 [nblocks])."""
     x = _flush(x)
     absmax = x.abs().amax(dim=1)
-    if not torch.isfinite(absmax).all():  # NaN and Inf both survive max |x|: one cheap check per block
-        bad = (~torch.isfinite(absmax)).nonzero()[0, 0].item()
-        raise FormatError(f"cannot quantize NaN or Inf values (found in block {bad})")
+    _check_finite(absmax)
     # bitsandbytes multiplies by the (approximate) reciprocal rather than dividing: the rounding matters.
     y = _flush(x * _reciprocal(absmax).unsqueeze(1))
     return _encode_4bit(y, quant_type), absmax
@@ -249,6 +259,19 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
     """Even-length codes -> uint8 bytes, the first code of each pair in the high nibble."""
     pairs = codes.view(-1, 2)
     return (pairs[:, 0] * 16 + pairs[:, 1]).to(torch.uint8)
+
+
+def _quantize_step(x: torch.Tensor, quant_type: str, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk [rows, blocksize] -> (packed bytes, absmax): the compiled CPU path if asked, else the spec."""
+    if fused:
+        try:
+            return cpu.quantize_blocks(x, quant_type)
+        except FormatError:
+            raise
+        except Exception as err:  # a compiler problem: warn once, then the eager path gives the same bytes
+            cpu.disable(err)
+    codes, absmax = _quantize_blocks(x.float(), quant_type)
+    return _pack(codes.view(-1)), absmax
 
 
 def quantize(
@@ -279,14 +302,15 @@ def quantize(
     nblocks = -(-n // blocksize)
     data = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=flat.device)
-    step = max(CHUNK_ELEMENTS // blocksize, 1) * blocksize
+    fused = cpu.usable(flat)
+    step = max((CHUNK_ELEMENTS * (16 if fused else 1)) // blocksize, 1) * blocksize
     for start in range(0, n, step):
-        chunk = flat[start : start + step].float()
+        chunk = flat[start : start + step]
         if chunk.numel() % blocksize:
             chunk = torch.nn.functional.pad(chunk, (0, blocksize - chunk.numel() % blocksize))
-        codes, amax = _quantize_blocks(chunk.view(-1, blocksize), quant_type)
         valid = min(step, n - start)
-        data[start // 2 : (start + valid + 1) // 2, 0] = _pack(codes.view(-1)[: valid + valid % 2])
+        packed, amax = _quantize_step(chunk.view(-1, blocksize), quant_type, fused)
+        data[start // 2 : (start + valid + 1) // 2, 0] = packed[: (valid + 1) // 2]
         absmax[start // blocksize : start // blocksize + amax.numel()] = amax
     q = QuantizedTensor(
         data=data,
@@ -320,8 +344,8 @@ def _encode_8bit(y: torch.Tensor, dyn: torch.Tensor) -> torch.Tensor:
     pivot = torch.full_like(y, 127, dtype=torch.int64)
     lower_pivot = torch.zeros_like(pivot)
     upper_pivot = torch.full_like(pivot, 255)
-    lower = torch.full_like(y, dyn[0].item())
-    upper = torch.full_like(y, dyn[255].item())
+    lower = dyn[0].expand_as(y)
+    upper = dyn[255].expand_as(y)
     val = dyn[pivot]
     for step in (64, 32, 16, 8, 4, 2, 1):
         up = y > val
@@ -349,7 +373,7 @@ def double_quantize(q: QuantizedTensor) -> QuantizedTensor:
     nested_absmax = padded.abs().amax(dim=1)
     y = _flush(padded * _reciprocal(nested_absmax).unsqueeze(1))
     dyn = _dynamic_map(absmax.device)
-    codes = _encode_8bit(y, dyn).view(-1)[:nb]
+    codes = (cpu.encode_8bit if cpu.usable(y) else _encode_8bit)(y, dyn).view(-1)[:nb]
     return replace(q, absmax=codes, nested_absmax=nested_absmax, nested_quant_map=dyn, nested_offset=offset.item())
 
 
