@@ -1,0 +1,48 @@
+"""The fused (TorchInductor) CPU path gives the reference's bytes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nf4
+from nf4 import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for TorchInductor, or NF4_NO_COMPILE")
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """Quantize with the fused path switched off."""
+
+    def run(*args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(cpu, "usable", lambda t: False)
+            return nf4.quantize(*args, **kwargs)
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quant_type", "blocksize"),
+    [(torch.bfloat16, "nf4", 64), (torch.float32, "fp4", 128), (torch.float16, "int4", 32)],
+)
+def test_fused_quantize_is_the_reference(eager, dtype, quant_type, blocksize):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x = (torch.randn(cpu.MIN_ELEMENTS + 12345, generator=g) * 0.03).to(dtype)
+    x[:blocksize] = 0  # an all-zero block
+    x[5000:5010] = 1e-39 if dtype != torch.float16 else 1e-7  # subnormals (fp32/bf16) are flushed
+    x[-7:] = -x[-7:]
+    assert cpu.usable(x)
+    ref = eager(x, quant_type, blocksize, double_quant=True)
+    ours = nf4.quantize(x, quant_type, blocksize, double_quant=True)
+    assert torch.equal(ours.data, ref.data)
+    assert torch.equal(ours.absmax, ref.absmax) and torch.equal(ours.nested_absmax, ref.nested_absmax)
+    assert ours.nested_offset == ref.nested_offset
+
+
+def test_fused_path_rejects_nan(eager):
+    x = torch.randn(cpu.MIN_ELEMENTS)
+    x[-1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        nf4.quantize(x)
