@@ -4,3 +4,7 @@ from nf4.format import FormatError, QuantizedTensor, dequantize, double_quantize
 
 __all__ = ["FormatError", "QuantizedTensor", "dequantize", "double_quantize", "quantize"]
 __version__ = "0.1.0"
+from nf4.checkpoint import from_pretrained, load_float, load_tokenizer, save_pretrained  # noqa: E402
+from nf4.nn import LinearNF4, quantize_model  # noqa: E402
+
+__all__ += ["LinearNF4", "from_pretrained", "load_float", "load_tokenizer", "quantize_model", "save_pretrained"]

@@ -285,20 +285,19 @@ def _named_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield f"{prefix}{attr}", module
 
 
-def _swap_linears(model: nn.Module, names: list[str], quant_type: str, blocksize: int, double_quant: bool,
-                  compute_dtype: torch.dtype | None) -> None:  # fmt: skip
+def _swap_linears(model: nn.Module, names: list[str], compute_dtype: torch.dtype | None) -> None:
+    """Replace the named nn.Linear layers by empty LinearNF4 layers on the meta device (filled by ``_load``)."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         if type(linear) is not nn.Linear:
             raise CheckpointError(f"{name} holds a 4-bit weight but is a {type(linear).__name__}, not an nn.Linear")
-        setattr(
-            parent,
-            child,
-            LinearNF4(linear.in_features, linear.out_features, linear.bias is not None, "meta", linear.weight.dtype,
-                      quant_type, blocksize, double_quant, compute_dtype),
+        layer = LinearNF4(
+            linear.in_features, linear.out_features, linear.bias is not None, "meta", linear.weight.dtype,
+            compute_dtype=compute_dtype,
         )  # fmt: skip
+        setattr(parent, child, layer)
 
 
 def _load(model: nn.Module, source: Any, label: str, quantized: bool, options: dict[str, Any],
@@ -418,31 +417,53 @@ def from_pretrained(
         >>> model = nf4.from_pretrained()  # SmolLM2-135M-Instruct, NF4 + double quant
     """
     _check_options(quant_type, blocksize)
-    path = _resolve(src)
-    progress = progress or _no_progress
     options = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
-    skip = tuple(skip)
-    if path.is_dir():
-        from transformers import AutoConfig
+    return _load_model(_resolve(src), options, tuple(skip), dtype, compute_dtype, progress or _no_progress)
 
+
+def load_float(
+    src: str | os.PathLike | None = None, dtype: torch.dtype | None = None, progress: Progress | None = None
+) -> nn.Module:
+    """A float folder or a GGUF file (dequantized) as the plain Hugging Face model, streamed as ``from_pretrained``.
+
+    Example:
+        >>> model = nf4.load_float()  # SmolLM2-135M-Instruct, the GGUF dequantized to fp32
+    """
+    return _load_model(_resolve(src), None, (), dtype, None, progress or _no_progress)
+
+
+def _load_model(
+    path: Path,
+    options: dict[str, Any] | None,
+    skip: tuple[str, ...],
+    dtype: torch.dtype | None,
+    compute_dtype: torch.dtype | None,
+    progress: Progress,
+) -> nn.Module:
+    """Build the skeleton, swap in LinearNF4 layers (none when ``options`` is None), stream the tensors in."""
+    from transformers import AutoConfig
+
+    if path.is_dir():
         verify_manifest(path)
-        source = _SafetensorsSource(_safetensors_files(path))
+        source: Any = _SafetensorsSource(_safetensors_files(path))
         config = AutoConfig.from_pretrained(path)
         qc = getattr(config, "quantization_config", None)
         qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
         if qc is not None and not (qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")):
-            raise CheckpointError(f"{path / 'config.json'}: quantization_config {qc.get('quant_method')!r} is not "
-                                  "supported; expected bitsandbytes 4-bit or none")  # fmt: skip
+            raise CheckpointError(
+                f"{path / 'config.json'}: quantization_config {qc.get('quant_method')!r} is not supported; "
+                "expected bitsandbytes 4-bit or none"
+            )
+        if qc is not None and options is None:
+            raise CheckpointError(f"{path}: a 4-bit checkpoint; load it with nf4.from_pretrained")
         model = _skeleton(config, causal_lm=False)
-        if qc is not None:
+        quantized = qc is not None
+        if quantized:
             names = sorted({k.split(".weight.quant_state.")[0] for k in source.keys() if ".weight.quant_state." in k})
         else:
-            names = _linear_names(model, skip)
-        _swap_linears(model, names, quant_type, blocksize, double_quant, compute_dtype)
-        _load(model, source, str(path), qc is not None, options, dtype, progress)
+            names = [] if options is None else _linear_names(model, skip)
     else:
         from gguf import GGUFReader
-        from transformers import AutoConfig
 
         try:
             reader = GGUFReader(path)
@@ -451,8 +472,11 @@ def from_pretrained(
         _gguf_arch(reader, path)
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         model = _skeleton(config, causal_lm=True)
-        _swap_linears(model, _linear_names(model, skip), quant_type, blocksize, double_quant, compute_dtype)
-        _load(model, _GGUFSource(path, model, reader), str(path), False, options, dtype, progress)
+        quantized = False
+        names = [] if options is None else _linear_names(model, skip)
+        source = _GGUFSource(path, model, reader)
+    _swap_linears(model, names, compute_dtype)
+    _load(model, source, str(path), quantized, options or {}, dtype, progress)
     if any(isinstance(m, LinearNF4) for m in model.modules()):
         model.config.quantization_config = quantization_config(model)
     elif hasattr(model.config, "quantization_config"):

