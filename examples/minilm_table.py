@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 from importlib.resources import files
 
-import torch
 from safetensors.torch import load_file
 
 import nf4
@@ -40,7 +39,8 @@ def main() -> int:
         print(f"{name[:52]:52s} {'x'.join(map(str, w.shape)):>12s} " + " ".join(row))
     print(f"\n{'format':8s} {'bits/param':>10s} {'bytes':>12s} {'saved vs fp32':>14s} {'rel. error':>10s}")
     for fmt, (nbytes, err, norm) in totals.items():
-        print(f"{fmt:8s} {8 * nbytes / params:10.3f} {nbytes:12,d} {1 - nbytes / (4 * params):14.1%} {(err / norm) ** 0.5:10.4f}")
+        saved = 1 - nbytes / (4 * params)
+        print(f"{fmt:8s} {8 * nbytes / params:10.3f} {nbytes:12,d} {saved:14.1%} {(err / norm) ** 0.5:10.4f}")
     return 0
 
 

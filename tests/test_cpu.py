@@ -46,3 +46,15 @@ def test_fused_path_rejects_nan(eager):
     x[-1] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         nf4.quantize(x)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_dequantize_is_the_reference(monkeypatch, out_dtype):
+    x = torch.randn(2 * cpu.MIN_ELEMENTS) * 0.02
+    x[:64] = 0
+    x[100:110] = 1e-36  # products below FLT_MIN are flushed
+    q = nf4.quantize(x, "fp4", 64, double_quant=True)
+    assert cpu.usable(q.data)
+    ours = nf4.dequantize(q, out_dtype)
+    monkeypatch.setattr(cpu, "usable", lambda t: False)
+    assert torch.equal(ours, nf4.dequantize(q, out_dtype))

@@ -147,7 +147,8 @@ def test_properties(shape, dtype, quant_type, blocksize, double_quant, seed, log
     bound = absmax * codebook.widest_gap(quant_type) / 2 * (1 + 1e-5)
     xf = x.float()
     if double_quant:  # the block's values are scaled by its decoded, not its true, absmax
-        true = nf4.quantize(x, quant_type, blocksize, False).absmax.repeat_interleave(blocksize)[: x.numel()].view(shape)
+        true = nf4.quantize(x, quant_type, blocksize, False).absmax.repeat_interleave(blocksize)
+        true = true[: x.numel()].view(shape)
         bound = bound + (absmax - true).abs()
     out_ulp = torch.finfo(dtype).eps * d.float().abs() + torch.finfo(dtype).tiny
     err = (d.float() - xf).abs()

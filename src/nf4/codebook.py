@@ -75,7 +75,8 @@ def _nearest_f32(decimal: str) -> float:
     """The fp32 value nearest to a decimal string (a single rounding, unlike str -> float64 -> fp32)."""
     exact = Fraction(decimal)
     guess = torch.tensor(float(exact), dtype=torch.float32)
-    candidates = [torch.nextafter(guess, torch.tensor(-math.inf)), guess, torch.nextafter(guess, torch.tensor(math.inf))]
+    down, up = torch.nextafter(guess, torch.tensor(-math.inf)), torch.nextafter(guess, torch.tensor(math.inf))
+    candidates = [down, guess, up]
     return min((c.item() for c in candidates), key=lambda c: abs(Fraction(c) - exact))
 
 
@@ -110,5 +111,5 @@ def levels(quant_type: str) -> torch.Tensor:
 def widest_gap(quant_type: str) -> float:
     """Largest distance between adjacent levels: the worst-case rounding error is half of it (× absmax)."""
     lv = sorted(set(CODEBOOKS[quant_type]))
-    return max(b - a for a, b in zip(lv, lv[1:]))
+    return max(b - a for a, b in zip(lv, lv[1:], strict=False))
 

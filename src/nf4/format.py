@@ -145,7 +145,8 @@ class QuantizedTensor:
         if self.nested_absmax is not None:
             out[f"{prefix}.nested_absmax"] = self.nested_absmax
             out[f"{prefix}.nested_quant_map"] = self.nested_quant_map
-            meta |= {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": self.nested_offset}
+            meta |= {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32"}
+            meta["nested_offset"] = self.nested_offset
         blob = json.dumps(meta).encode("utf-8")
         out[f"{prefix}.{_state_key(self.quant_type)}"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         return out
@@ -401,6 +402,11 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
         raise FormatError(f"cannot dequantize to {dtype}; expected float32, float16 or bfloat16")
     n, bs = q.numel(), q.blocksize
     absmax = q.absmax_fp32()
+    if cpu.usable(q.data) and n % bs == 0:
+        try:
+            return cpu.dequantize_blocks(q.data.view(-1, bs // 2), absmax, q.quant_map, dtype).view(q.shape)
+        except Exception as err:  # a compiler problem: warn once, then the eager path gives the same values
+            cpu.disable(err)
     table = _pair_table(q.quant_map)
     out = torch.empty(n, dtype=dtype, device=q.device)
     codes = q.data.view(-1)
@@ -467,7 +473,8 @@ def _from_state_dict(state: dict[str, torch.Tensor], prefix: str) -> QuantizedTe
     if not nested:
         return q
     if int(meta.get("nested_blocksize", -1)) != NESTED_BLOCKSIZE:
-        raise FormatError(f"{meta_key}: nested_blocksize must be {NESTED_BLOCKSIZE}, got {meta.get('nested_blocksize')}")
+        found = meta.get("nested_blocksize")
+        raise FormatError(f"{meta_key}: nested_blocksize must be {NESTED_BLOCKSIZE}, got {found}")
     offset = meta["nested_offset"]
     if not isinstance(offset, (int, float)) or not math.isfinite(offset):
         raise FormatError(f"{meta_key}: nested_offset must be a finite number, got {offset!r}")

@@ -7,12 +7,11 @@ mantissa in [1, 2), how far rcp.approx lands from the correctly rounded reciproc
 
 import sys
 
+import bitsandbytes.functional as F
 import torch
 import triton
 import triton.language as tl
 
-import bitsandbytes.functional as F
-import nf4
 from nf4 import format as fmt
 
 
@@ -22,9 +21,11 @@ def _rcp_kernel(x_ptr, o_ptr, n, MODE: tl.constexpr, BLOCK: tl.constexpr):
     m = offs < n
     x = tl.load(x_ptr + offs, mask=m, other=1.0)
     if MODE == 0:
-        y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        asm = "rcp.approx.ftz.f32 $0, $1;"
+        y = tl.inline_asm_elementwise(asm, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
     else:
-        y = tl.inline_asm_elementwise("div.full.ftz.f32 $0, 0f3F800000, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        asm = "div.full.ftz.f32 $0, 0f3F800000, $1;"
+        y = tl.inline_asm_elementwise(asm, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
     tl.store(o_ptr + offs, y, mask=m)
 
 
@@ -63,7 +64,8 @@ exact = (1.0 / x.double()).float()
 for mode, name in ((0, "rcp.approx"), (1, "div.full")):
     a = rcp(x, mode)
     d = a.view(torch.int32).long() - exact.view(torch.int32).long()
-    print(name, "ulp diff histogram", {int(k): int(c) for k, c in zip(*torch.unique(d, return_counts=True))})
+    values, counts = torch.unique(d, return_counts=True)
+    print(name, "ulp diff histogram", dict(zip(values.tolist(), counts.tolist(), strict=True)))
     if mode == 0:
         idx = (d != 0).nonzero().view(-1)
         torch.save({"mantissa": idx.int().cpu(), "delta": d[idx].to(torch.int8).cpu()}, f"{out}/rcp_exceptions.pt")
