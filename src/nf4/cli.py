@@ -2,7 +2,9 @@
 
     nf4 quantize [SRC] OUT [--quant-type nf4|fp4] [--blocksize 64] [--no-double-quant] [--skip lm_head]
     nf4 inspect CKPT
-    nf4 generate CKPT --prompt "..." [--max-new-tokens 64] [--temperature 0] [--top-p 1]
+    nf4 generate CKPT --prompt "..." [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--adapter DIR]
+    nf4 finetune [MODEL] [DATA...] --out DIR [--steps N] [--resume] [--demo]   (QLoRA; see docs/QLORA.md)
+    nf4 merge BASE ADAPTER OUT [--dtype bf16 | --requantize]
 
 SRC is a Hugging Face folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct). Bad input exits
 with status 1 and one line on stderr; nothing is written to OUT.
@@ -24,8 +26,8 @@ T = TypeVar("T")
 
 
 def _progress(enabled: bool) -> checkpoint.Progress | None:
-    """tqdm bars on stderr when tqdm is installed and output is for people."""
-    if not enabled:
+    """tqdm bars on stderr when tqdm is installed and a person watches (a terminal, no --json)."""
+    if not (enabled and sys.stderr.isatty()):
         return None
     try:
         from tqdm import tqdm
@@ -78,6 +80,10 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     model = checkpoint.from_pretrained(args.ckpt, progress=_progress(not args.json))
+    if args.adapter:
+        from nf4 import lora
+
+        lora.load_adapter(model, args.adapter)
     tokenizer = checkpoint.load_tokenizer(args.ckpt)
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": args.prompt}]
@@ -106,6 +112,24 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from nf4 import train
+
+    return train.run_cli(args, log=print)
+
+
+def _merge(args: argparse.Namespace) -> dict[str, Any]:
+    from nf4 import train
+
+    return train.merge_cli(args)
+
+
+def _finetune_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    from nf4.train import add_arguments
+
+    add_arguments(sub, common)
+
+
 def _print_human(command: str, result: dict[str, Any]) -> None:
     mib = 1 << 20
     if command == "inspect":
@@ -122,6 +146,8 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         )
     if command == "quantize":
         print(f"wrote {result['out']} in {result['seconds']} s")
+    if command in ("finetune", "merge"):
+        print(result["message"])
     if command == "generate":
         print(result["text"])
         print(f"[{result['new_tokens']} tokens in {result['seconds']} s: {result['tokens_per_s']} tokens/s]")
@@ -152,13 +178,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--adapter", help="a LoRA adapter folder (PEFT format, e.g. from nf4 finetune) to apply")
+    _finetune_parsers(sub, common)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nf4`` script; returns the exit status."""
     args = _parser().parse_args(argv)
-    run = {"quantize": _quantize, "inspect": _inspect, "generate": _generate}[args.command]
+    run = {"quantize": _quantize, "inspect": _inspect, "generate": _generate, "finetune": _finetune, "merge": _merge}
+    run = run[args.command]
     try:
         result = run(args)
     except (checkpoint.CheckpointError, FormatError, ValueError, OSError) as e:
