@@ -5,6 +5,7 @@
     nf4 generate CKPT --prompt "..." [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--adapter DIR]
     nf4 finetune [MODEL] [DATA...] --out DIR [--steps N] [--resume] [--demo]   (QLoRA; see docs/QLORA.md)
     nf4 merge BASE ADAPTER OUT [--dtype bf16 | --requantize]
+    nf4 eval [MODEL] [--formats nf4,fp4,...] [--blocksizes 64] [--text FILE] [--json [OUT]] [--plots DIR]
 
 SRC is a Hugging Face folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct). Bad input exits
 with status 1 and one line on stderr; nothing is written to OUT.
@@ -19,7 +20,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-from nf4 import checkpoint
+from nf4 import checkpoint, evaluate
 from nf4.format import BLOCKSIZES, FormatError
 
 T = TypeVar("T")
@@ -148,6 +149,8 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         print(f"wrote {result['out']} in {result['seconds']} s")
     if command in ("finetune", "merge"):
         print(result["message"])
+    if command == "eval":
+        print(evaluate.format_table(result))
     if command == "generate":
         print(result["text"])
         print(f"[{result['new_tokens']} tokens in {result['seconds']} s: {result['tokens_per_s']} tokens/s]")
@@ -180,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--adapter", help="a LoRA adapter folder (PEFT format, e.g. from nf4 finetune) to apply")
     _finetune_parsers(sub, common)
+    evaluate.add_arguments(sub.add_parser("eval", help="4-bit formats side by side: perplexity, weight error, plots"))
     return parser
 
 
@@ -187,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nf4`` script; returns the exit status."""
     args = _parser().parse_args(argv)
     run = {"quantize": _quantize, "inspect": _inspect, "generate": _generate, "finetune": _finetune, "merge": _merge}
-    run = run[args.command]
+    run = (run | {"eval": evaluate.run_cli})[args.command]
     try:
         result = run(args)
     except (checkpoint.CheckpointError, FormatError, ValueError, OSError) as e:

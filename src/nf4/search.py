@@ -1,0 +1,120 @@
+"""NF4-search: NF4's layout and levels with a per-block scale fitted by search instead of absmax (opt-in).
+
+The bytes are NF4's, field for field: only the *value* stored in ``absmax`` changes. bitsandbytes and every
+``nf4`` kernel decode it unchanged (``value = level[code] * absmax[block]``), so the decode matmul is as fast::
+
+    data        uint8 [(n + 1) // 2, 1]   NF4 codes, first element in the high nibble (as format.py)
+    absmax      fp32 [nblocks]             the fitted scale s_b (not max |x|), or 8-bit codes with double quant
+    quant_map   fp32 [16]                  the NF4 levels; quant_state JSON says quant_type "nf4"
+
+Fitting one block x (as llama.cpp's IQ4_NL and HQQ fit their scales): for each candidate s in
+``absmax * SCALE_GRID`` take the codes c = nearest level to x / s (ties to the lower code, values beyond ±1
+clip to the end levels) and keep the s with the least squared error ||x - s * level[c]||²; then refine s
+``REFINE_STEPS`` times by least squares for fixed codes, s = <x, level[c]> / <level[c], level[c]>, re-coding
+and keeping the refit only where the error drops. The grid has both signs: NF4 has 8 positive levels and 7
+negative, so a negative scale uses the mirrored codebook (as IQ4_NL does) and the stored "absmax" may be
+negative. The error never exceeds plain NF4's (s = absmax is in the grid). Quantizing costs one pass per
+candidate (~70 passes); dequantizing is NF4's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nf4 import codebook
+from nf4 import format as fmt
+from nf4.format import QuantizedTensor
+from nf4.nn import LinearNF4, _matches
+
+# Candidate scales as fractions of the block's absmax, both signs; 1.0 (plain NF4) is included.
+_MAGNITUDES = tuple(round(0.70 + 0.01 * i, 2) for i in range(36))  # 0.70 .. 1.05
+SCALE_GRID: tuple[float, ...] = _MAGNITUDES + tuple(-m for m in _MAGNITUDES)
+REFINE_STEPS = 2
+
+
+def fit_scales(x: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale of ``x`` [nblocks, blocksize] (fp32) minimising the squared error on ascending ``levels``.
+
+    Returns:
+        (codes int64 [nblocks, blocksize], scales fp32 [nblocks]); an all-zero row gets scale 0 and the
+        code of level 0.
+    """
+    levels = levels.to(x.device)
+    mids = codebook.midpoints(levels).to(x.device)
+    absmax = x.abs().amax(dim=1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+
+    def code(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = torch.bucketize(x / scale[:, None], mids)
+        return c, (levels[c] * scale[:, None] - x).square().sum(dim=1)
+
+    best_s = safe.clone()
+    best_c, best_e = code(best_s)
+    for s in SCALE_GRID:
+        c, e = code(safe * s)
+        better = e < best_e
+        best_s = torch.where(better, safe * s, best_s)
+        best_e = torch.where(better, e, best_e)
+        best_c = torch.where(better[:, None], c, best_c)
+    for _ in range(REFINE_STEPS):
+        lv = levels[best_c]
+        s = (x * lv).sum(dim=1) / (lv * lv).sum(dim=1).clamp_min(1e-30)
+        s = torch.where(s != 0, s, best_s)
+        c, e = code(s)
+        better = e < best_e
+        best_s = torch.where(better, s, best_s)
+        best_e = torch.where(better, e, best_e)
+        best_c = torch.where(better[:, None], c, best_c)
+    return best_c, torch.where(absmax > 0, best_s, torch.zeros_like(best_s))
+
+
+def quantize_search(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> QuantizedTensor:
+    """Quantize to NF4 with searched per-block scales: a ``QuantizedTensor`` of quant_type ``"nf4"``.
+
+    Args:
+        tensor: fp32, fp16 or bf16, any shape, finite values.
+        blocksize: one of ``format.BLOCKSIZES``.
+        double_quant: store the scales in 8 bits as NF4 does (~4.127 bits/param at blocksize 64).
+
+    Example:
+        >>> q = quantize_search(torch.randn(256, 256))
+        >>> q.quant_type, round(q.bits_per_param, 3)
+        ('nf4', 4.127)
+    """
+    fmt._check_tensor(tensor)
+    fmt._check_options("nf4", blocksize)
+    flat = tensor.detach().reshape(-1).float()
+    n = flat.numel()
+    x = fmt._flush(torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize))
+    fmt._check_finite(x.abs().amax(dim=1))
+    codes, scales = fit_scales(x, codebook.levels("nf4"))
+    codes = codes.view(-1)[: n + n % 2].int()  # an odd n keeps one padding code: the code of 0, as format.py
+    q = QuantizedTensor(
+        data=fmt._pack(codes).view(-1, 1),
+        absmax=scales,
+        quant_map=codebook.levels("nf4").to(flat.device),
+        quant_type="nf4",
+        blocksize=blocksize,
+        shape=tensor.shape,
+        dtype=tensor.dtype,
+    )
+    return fmt.double_quantize(q) if double_quant else q
+
+
+def quantize_model_search(
+    model: nn.Module, blocksize: int = 64, double_quant: bool = True, skip: tuple[str, ...] = ("lm_head",)
+) -> nn.Module:
+    """As ``nf4.quantize_model`` (in place, ``nn.Linear`` -> ``LinearNF4``), with NF4-search weights."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        w = linear.weight.detach()
+        layer = LinearNF4(linear.in_features, linear.out_features, linear.bias is not None, "meta", w.dtype)
+        layer.set_weight(quantize_search(w, blocksize, double_quant))
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        setattr(parent, child, layer)
+    return model
