@@ -1,6 +1,6 @@
 """NF4 kernels against the device copy floor, bitsandbytes and bf16 torch.matmul, on one GPU in one process.
 
-Usage: python benchmarks/kernels.py [--out DIR] [--sweep]. Prints one JSON line per measurement, a table
+Usage: python benchmarks/kernels.py [--out DIR]. Prints one JSON line per measurement, a table
 last, and writes kernels.json to DIR. Medians of CUDA-event timings (triton.testing.do_bench); M <= 128, dequantize
 and the quantize kernels replayed under a CUDA graph, where launch gaps vanish. --sweep: more gemv tiles.
 """
@@ -19,7 +19,6 @@ import nf4
 from nf4 import ops
 from nf4.kernels import dequantize as kdequantize
 from nf4.kernels import gemm as kgemm
-from nf4.kernels import gemv as kgemv
 from nf4.kernels import quantize as kquantize
 
 SHAPES = {
@@ -27,18 +26,6 @@ SHAPES = {
     "70B_qo": (8192, 8192), "70B_up": (28672, 8192), "70B_down": (8192, 28672),
 }  # fmt: skip
 MS = (1, 2, 4, 8, 16, 32, 128, 2048, 8192)
-SWEEP = [
-    kgemv.GemvConfig(bn, kb, w, s)
-    for bn, kb, w, s in [
-        (8, 8, 4, 4),
-        (16, 8, 4, 3),
-        (32, 8, 4, 3),
-        (16, 4, 4, 4),
-        (32, 4, 8, 4),
-        (64, 4, 8, 3),
-        (64, 8, 8, 3),
-    ]
-]
 LLAMA8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
 RESULTS: list[dict] = []
 
@@ -72,7 +59,6 @@ def qargs(q: nf4.QuantizedTensor) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     args = parser.parse_args()
     import bitsandbytes as bnb
@@ -87,7 +73,7 @@ def main() -> None:
     copy_gbps = copy_bandwidth()
     record(what="copy_GBps", value=round(copy_gbps, 1))
     for name in args.shapes.split(","):
-        bench_shape(name, copy_gbps, args.sweep)
+        bench_shape(name, copy_gbps)
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -104,7 +90,7 @@ def copy_bandwidth() -> float:
     return 2 * 2**30 / bench(lambda: b.copy_(a)) / 1e6
 
 
-def bench_shape(name: str, copy_gbps: float, sweep: bool) -> None:
+def bench_shape(name: str, copy_gbps: float) -> None:
     """Quantize, dequantize and matmul at every M for one weight shape."""
     import bitsandbytes.functional as bnbf
 
@@ -148,10 +134,10 @@ def bench_shape(name: str, copy_gbps: float, sweep: bool) -> None:
         bnb_over_floor=round(t_bd / floor, 2),
     )
     for m in MS:
-        bench_matmul(name, m, w, q, (bq, bst), sweep)
+        bench_matmul(name, m, w, q, (bq, bst))
 
 
-def bench_matmul(name: str, m: int, w: torch.Tensor, q: nf4.QuantizedTensor, bnb_q: tuple, sweep: bool) -> None:
+def bench_matmul(name: str, m: int, w: torch.Tensor, q: nf4.QuantizedTensor, bnb_q: tuple) -> None:
     """Ours, bitsandbytes and bf16 at one M; M <= 128 graph-timed."""
     import bitsandbytes as bnb
 
@@ -184,20 +170,8 @@ def bench_matmul(name: str, m: int, w: torch.Tensor, q: nf4.QuantizedTensor, bnb
     )
     if 2 <= m <= 128:
         t_deq = bench(lambda: kgemm.gemm(x, *qargs(q), n, None))
-        cfg = kgemv.default_config(m, n, 64)
-        t_fused = bench(lambda: kgemv.gemv(x, *qargs(q), n, None, cfg), graph=True)
-        row |= dict(dequant_cublas_ms=round(t_deq, 4), fused_ms=round(t_fused, 4))
+        row |= dict(dequant_cublas_ms=round(t_deq, 4))
     record(**row)
-    if sweep and m in (1, 16):
-        times = {}
-        for cfg in SWEEP:
-            try:
-                times[str(tuple(cfg.__dict__.values()))] = round(
-                    bench(lambda cfg=cfg: kgemv.gemv(x, *qargs(q), n, None, cfg), True), 4
-                )
-            except Exception as e:  # noqa: BLE001 - a config that fails to compile is a data point
-                times[str(tuple(cfg.__dict__.values()))] = repr(e)[:80]
-        record(what="gemv_sweep", shape=name, M=m, default=str(kgemv.default_config(m, n, 64)), times=times)
 
 
 def decode_step() -> None:

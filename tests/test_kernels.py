@@ -83,6 +83,14 @@ def test_gemv_rejects_partial_blocks_per_row() -> None:
     assert not kgemv.supported(100, 64) and kgemv.supported(128, 64)
 
 
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_dequantize_partial_last_block_and_many_programs(blocksize: int) -> None:
+    n = (kdequantize._BYTES_PER_PROGRAM // (blocksize // 2)) * blocksize * 2 + blocksize + 7  # 2 programs + tail
+    q = format.quantize(torch.randn(n), blocksize=blocksize)
+    out = kdequantize.dequantize(*_qargs(q), n, torch.bfloat16)
+    assert torch.equal(out, format.dequantize(q, torch.bfloat16).view(-1))
+
+
 def test_gemm_any_shape() -> None:
     n, k = 9, 41  # K not a multiple of the block, odd N: blocks straddle rows
     q = format.quantize(torch.randn(n, k), blocksize=32)

@@ -29,7 +29,7 @@ if HAS_TRITON:
     from nf4.kernels import quantize as _kquantize
 
 # Up to this many rows of x, the fused kernel (W streamed once as 4-bit) beats dequantize + cuBLAS. Measured on
-# an H200 (docs/BENCHMARKS_GPU.md): its tensor-core variant (M = 2..16) is still slower than dequantize + cuBLAS.
+# an H200 (docs/BENCHMARKS_GPU.md): a per-block tensor-core variant (M = 1..16) measured slower than both.
 GEMV_MAX_M = 1
 
 _op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op

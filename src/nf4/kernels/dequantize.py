@@ -13,13 +13,18 @@ from torch.library import wrap_triton
 
 from nf4.kernels.common import flush, interpreted, load_absmax, round_to
 
-# Bytes of codes per program: enough in flight per SM to reach copy bandwidth, few enough programs to fill the GPU.
+# Bytes of codes per program, from an H200 sweep (docs/BENCHMARKS_GPU.md): enough in flight per SM to reach
+# copy bandwidth, few enough programs to fill the GPU.
 _BYTES_PER_PROGRAM = 4096
+_NUM_WARPS = 4
 
 
 # A program decodes NB whole blocks; block b holds elements [b*BS, (b+1)*BS) and bytes [b*BS/2, (b+1)*BS/2).
 #   byte j -> elements 2j (high nibble) and 2j+1 (low nibble)
 #   value  = flush(fp32(quant_map[code] * absmax[b])) rounded once to the output dtype
+# The pair is joined as the last axis of an [NB, BS/2, 2] tile and merged into [NB, BS]; masks
+# are per block (constant along a block), which keeps the loads and stores 16 bytes wide. The last block,
+# when partial, is a second launch (PARTIAL) masked per element.
 @triton.jit
 def _dequantize_kernel(
     data_ptr,
@@ -30,25 +35,35 @@ def _dequantize_kernel(
     nested_offset,
     out_ptr,
     n,
+    first_block,
     nblocks,
     BLOCKSIZE: tl.constexpr,
     NB: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
+    PARTIAL: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     HB: tl.constexpr = BLOCKSIZE // 2
     blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)  # [NB]
+    if PARTIAL:
+        blk += first_block
     byte = blk[:, None] * HB + tl.arange(0, HB)[None, :]  # [NB, HB]
-    code = tl.load(data_ptr + byte, mask=byte < (n + 1) // 2, other=0).to(tl.int32)
+    elem = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # [NB, BS]
+    if PARTIAL:
+        byte_mask = byte < (n + 1) // 2
+        elem_mask = elem < n
+    else:
+        byte_mask = (blk < nblocks)[:, None]
+        elem_mask = (blk < nblocks)[:, None]
+    code = tl.load(data_ptr + byte, mask=byte_mask, other=0).to(tl.int32)
     absmax = load_absmax(
         absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset, blk, blk < nblocks,
         DOUBLE_QUANT, INTERPRETED,
     )[:, None]  # fmt: skip
     hi = flush(tl.load(quant_map_ptr + (code >> 4)) * absmax)
     lo = flush(tl.load(quant_map_ptr + (code & 15)) * absmax)
-    vals = round_to(tl.reshape(tl.join(hi, lo), (NB, BLOCKSIZE)), out_ptr.dtype.element_ty, INTERPRETED)
-    elem = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + elem, vals, mask=elem < n)
+    vals = tl.reshape(tl.join(hi, lo), (NB, BLOCKSIZE))  # [NB, HB, 2] -> [NB, BS]: byte j -> 2j, 2j + 1
+    tl.store(out_ptr + elem, round_to(vals, out_ptr.dtype.element_ty, INTERPRETED), mask=elem_mask)
 
 
 def dequantize(
@@ -67,9 +82,10 @@ def dequantize(
     if out is None:
         out = torch.empty(numel, dtype=dtype, device=data.device)
     nblocks = absmax.numel()
+    full = numel // blocksize  # whole blocks; a partial last block is launched on its own
     nb = max(1, _BYTES_PER_PROGRAM // (blocksize // 2))
     double_quant = nested_absmax is not None
-    wrap_triton(_dequantize_kernel)[(triton.cdiv(nblocks, nb),)](
+    args = (
         data,
         absmax,
         quant_map,
@@ -78,11 +94,12 @@ def dequantize(
         nested_offset,
         out,
         numel,
-        nblocks,
-        BLOCKSIZE=blocksize,
-        NB=nb,
-        DOUBLE_QUANT=double_quant,
-        INTERPRETED=interpreted(),
-        num_warps=8,
     )
+    consts = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, INTERPRETED=interpreted())
+    if full:
+        wrap_triton(_dequantize_kernel)[(triton.cdiv(full, nb),)](
+            *args, 0, full, NB=nb, PARTIAL=False, num_warps=_NUM_WARPS, **consts
+        )
+    if full < nblocks:
+        wrap_triton(_dequantize_kernel)[(1,)](*args, full, nblocks, NB=1, PARTIAL=True, num_warps=4, **consts)
     return out

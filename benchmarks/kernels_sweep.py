@@ -1,0 +1,127 @@
+"""Tile sweep for the decode GEMV and the dequantize kernel on one GPU: correctness at real sizes, then timings.
+
+Usage: python benchmarks/kernels_sweep.py [--out DIR]. Each weight shape is replicated until the copies exceed
+the L2 cache and the calls rotate over them, so that every timing streams W from device memory. Medians of a
+CUDA graph's replays (triton.testing.do_bench). Prints one JSON line per measurement and a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+
+import nf4
+from nf4 import ops
+from nf4.kernels import dequantize as kdequantize
+from nf4.kernels import gemm as kgemm
+from nf4.kernels import gemv as kgemv
+
+SHAPES = {"70B_up": (28672, 8192), "70B_down": (8192, 28672), "8B_up": (14336, 4096), "8B_down": (4096, 14336),
+          "8B_qo": (4096, 4096)}  # fmt: skip
+MS = (1,)
+CONFIGS = [kgemv.GemvConfig(bn, kb, w, st) for bn, kb, w, st in [(16, 8, 4, 3), (32, 8, 4, 3), (64, 4, 8, 3)]]
+DEQUANT = [(4096, 4), (4096, 8), (8192, 8), (16384, 8), (16384, 16), (32768, 16)]
+ROTATE_BYTES = 256 << 20
+ROWS: list[dict] = []
+
+
+def record(**kw: object) -> None:
+    ROWS.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def graph_ms(calls: list) -> float:
+    """Median ms per call of a CUDA graph replaying ``calls`` in turn (at least 20 calls per replay)."""
+    reps = max(1, 20 // len(calls))
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            for c in calls:
+                c()
+    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") / (reps * len(calls))
+
+
+def qargs(q: nf4.QuantizedTensor) -> tuple:
+    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.nested_offset, q.blocksize)
+
+
+def poison() -> None:
+    torch.full((1 << 28,), float("nan"), device="cuda")
+
+
+def sweep_shape(name: str, copy_gbps: float) -> None:
+    n, k = SHAPES[name]
+    copies = max(1, -(-ROTATE_BYTES // (n * k // 2)))
+    qs = [ops.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, copies // 4))]
+    w0 = nf4.dequantize(qs[0], torch.bfloat16).double()
+    floor4 = (n * k / 2 + n * k / 64) / copy_gbps / 1e6  # codes + 1 byte of absmax code per block
+    for m in MS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ w0.T
+        t_bf = graph_ms([lambda w=w, x=x: x @ w.T for w in ws])
+        t_deq = graph_ms([lambda q=q, x=x: kgemm.gemm(x, *qargs(q), n, None) for q in qs[:2]])
+        row = dict(what="gemv", shape=name, M=m, bf16_ms=round(t_bf, 4), deq_cublas_ms=round(t_deq, 4),
+                   floor4_ms=round(floor4, 4), cfg={})  # fmt: skip
+        for cfg in CONFIGS:
+            key = "/".join(str(v) for v in cfg.__dict__.values())
+            try:
+                poison()
+                out = kgemv.gemv(x, *qargs(qs[0]), n, None, cfg)
+                rel = ((out.double() - ref).norm() / ref.norm()).item()
+                t = graph_ms([lambda q=q, x=x, c=cfg: kgemv.gemv(x, *qargs(q), n, None, c) for q in qs])
+                row["cfg"][key] = (round(t, 4), float(f"{rel:.1e}"))
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile is a data point
+                row["cfg"][key] = repr(e)[:120]
+        record(**row)
+    for bpp, warps in DEQUANT:
+        kdequantize._BYTES_PER_PROGRAM, kdequantize._NUM_WARPS = bpp, warps
+        bufs = [torch.empty(n * k, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+        poison()
+        exact = torch.equal(ops.dequantize(qs[0]), nf4.dequantize(qs[0]))
+        t = graph_ms([lambda q=q, b=b: kdequantize.dequantize(*qargs(q)[:-1], 64, n * k, torch.bfloat16, out=b)
+                      for q, b in zip(qs[:2], bufs, strict=True)])  # fmt: skip
+        floor = 2.5 * n * k / copy_gbps / 1e6
+        record(what="dequantize", shape=name, bpp=bpp, warps=warps, exact=exact, ms=round(t, 4),
+               over_floor=round(t / floor, 3))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    args = parser.parse_args()
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    copy_gbps = 2 * 2**30 / graph_ms([lambda a=a, b=b: b.copy_(a)]) / 1e6
+    del a, b
+    record(what="device", name=torch.cuda.get_device_name(), triton=triton.__version__, copy_GBps=round(copy_gbps))
+    for name in args.shapes.split(","):
+        sweep_shape(name, copy_gbps)
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+        json.dump(ROWS, f, indent=1)
+    for r in ROWS:
+        if r["what"] == "gemv":
+            best = min((v[0], c) for c, v in r["cfg"].items() if isinstance(v, tuple))
+            print(
+                f"{r['shape']:8} M={r['M']:<3} bf16 {r['bf16_ms']:.4f} deq+cublas {r['deq_cublas_ms']:.4f} "
+                f"floor4 {r['floor4_ms']:.4f} best {best[1]} {best[0]:.4f} -> {r['bf16_ms'] / best[0]:.2f}x bf16 | "
+                + " ".join(f"{c}:{v[0] if isinstance(v, tuple) else 'ERR'}" for c, v in r["cfg"].items())
+            )
+        elif r["what"] == "dequantize":
+            print(
+                f"{r['shape']:8} dequant bpp={r['bpp']} w={r['warps']} exact={r['exact']} {r['ms']} ms "
+                f"{r['over_floor']}x floor"
+            )
+
+
+if __name__ == "__main__":
+    main()
