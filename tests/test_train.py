@@ -161,7 +161,7 @@ def test_cli_adapter_merge_and_generate(tiny_model: Path, text_data: Path, tmp_p
         == 0
     )
     log = json.loads((out / train.STATE_FILE).read_text())["log_history"]
-    assert [e["step"] for e in log if "eval_loss" in e] == [2, 4]
+    assert [e["step"] for e in log if "eval_loss" in e] == [0, 2, 4]
     # merge (bf16 float folder) equals base + adapter within bf16 rounding; --requantize warns and loads as NF4.
     assert _cli("merge", str(tiny_model), str(out), str(tmp_path / "merged"), "--dtype", "fp32", "--json") == 0
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -248,7 +248,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model: Path, tex
 
 
 def test_smollm2_a_few_steps_lower_the_loss(tmp_path) -> None:
-    """The embedded SmolLM2-135M-Instruct (NF4), r 8, 6 steps on license text: the held-out batch's loss falls."""
+    """The embedded SmolLM2-135M-Instruct (NF4), r 8, 4 steps on license text: a fixed training batch's loss falls."""
     from nf4 import checkpoint
 
     try:
@@ -258,24 +258,27 @@ def test_smollm2_a_few_steps_lower_the_loss(tmp_path) -> None:
     model, tok = train.load_model(None)
     examples = train.load_examples([GPL3], tok, 48)
     fixed = train.collate(examples[:2], tok.eos_token_id, torch.device("cpu"))
-    with torch.no_grad():
-        loss, n = train.loss_sum(model, fixed)
-    before = loss.item() / n
     args = train.TrainArgs(
-        steps=6,
+        steps=4,
         batch_size=2,
         grad_accum=1,
         seq_len=48,
         r=8,
-        lr=1e-3,
+        lr=2e-3,
+        warmup_ratio=0.0,
         save_every=0,
         gradient_checkpointing=False,
         lora_dropout=0.0,
     )
+    torch.manual_seed(args.seed)
+    lora.add_lora(model, args.lora_config())  # B = 0: the base's loss; train() keeps these adapters
+    with torch.no_grad():
+        loss, n = train.loss_sum(model, fixed)
+    before = loss.item() / n
     state = train.train(model, tok, examples[:8], tmp_path / "out", args)
     model.eval()
     with torch.no_grad():
         loss, n = train.loss_sum(model, fixed)
     after = loss.item() / n
     assert after < before - 0.1, (before, after)
-    assert len(state["log_history"]) == 6
+    assert len(state["log_history"]) == 4

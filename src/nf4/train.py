@@ -86,6 +86,7 @@ class TrainArgs:
     adapter_dtype: str = "float32"
     seed: int = 42
     eval_every: int = 0
+    eval_examples: int = 256  # at most this many held-out examples (5% of the data) for --eval-every
     save_every: int = 50
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = True
@@ -241,11 +242,13 @@ def _fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-def split_eval(examples: list[Example], seed: int, fraction: float = 0.05) -> tuple[list[Example], list[Example]]:
-    """(train, eval): a seeded ``fraction`` held out for --eval-every (none when there are fewer than 2)."""
+def split_eval(
+    examples: list[Example], seed: int, limit: int = 256, fraction: float = 0.05
+) -> tuple[list[Example], list[Example]]:
+    """(train, eval): a seeded ``fraction`` (at most ``limit``) held out for --eval-every (none below 2 examples)."""
     if len(examples) < 2:
         return examples, []
-    n_eval = max(1, int(len(examples) * fraction))
+    n_eval = max(1, min(limit, int(len(examples) * fraction)))
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(order[:n_eval])
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
@@ -482,11 +485,12 @@ def train(
     start_ckpt = prepare_out(out, resume)
     device = next(model.buffers()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    train_ex, eval_ex = split_eval(examples, args.seed) if args.eval_every else (examples, [])
+    train_ex, eval_ex = split_eval(examples, args.seed, args.eval_examples) if args.eval_every else (examples, [])
     meta = {"args": asdict(args), "data_sha256": _fingerprint(examples), "train_examples": len(train_ex)}
 
     torch.manual_seed(args.seed)
-    lora.add_lora(model, args.lora_config())
+    if not any(True for _ in lora.lora_layers(model)):  # a model given with fresh adapters keeps them
+        lora.add_lora(model, args.lora_config())
     if args.gradient_checkpointing:
         lora.enable_gradient_checkpointing(model)
     params = lora.lora_parameters(model)
@@ -501,6 +505,8 @@ def train(
     if step >= args.steps:
         raise TrainingError(f"{start_ckpt}: already at step {step}; pass a larger --steps to train further")
 
+    if eval_ex and step == 0:  # as transformers' eval_on_start: the baseline the eval losses fall from
+        log.append({"epoch": 0.0, "eval_loss": evaluate(model, eval_ex, args, pad_id, device), "step": 0})
     model.train()
     per_step = args.batch_size * args.grad_accum
     last_good = start_ckpt
@@ -614,7 +620,7 @@ def finetune(
     return train(model, tokenizer, examples, out, args, resume, name, progress, callback)
 
 
-def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 48) -> str:
+def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
     """Greedy continuation of ``prompt`` (chat-formatted when the tokenizer has a template)."""
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(
@@ -640,7 +646,8 @@ DEMO_ARGS = TrainArgs(
     steps=30,
     batch_size=4,
     grad_accum=1,
-    seq_len=128,
+    seq_len=64,
+    eval_examples=16,
     lr=1e-3,
     r=16,
     lora_alpha=32,
@@ -659,6 +666,8 @@ def demo(out: str | os.PathLike, log: Callable[[str], None], args: TrainArgs | N
     model, tokenizer = load_model(None)
     examples = load_examples(None, tokenizer, args.seq_len)
     log(f"data: {len(examples)} blocks of <= {args.seq_len} tokens from {DEFAULT_DATA}")
+    torch.manual_seed(args.seed)
+    lora.add_lora(model, args.lora_config())  # B = 0: the base model's outputs, through LoRA's faster CPU path
     before = generate_text(model, tokenizer, DEMO_PROMPT)
     log(f"prompt: {DEMO_PROMPT}\nbefore: {before}")
     state = train(model, tokenizer, examples, out, args, progress=True)
