@@ -1,15 +1,20 @@
-"""Tile sweep for the decode GEMV and the dequantize kernel on one GPU: correctness at real sizes, then timings.
+"""Tile sweep for the decode GEMV (and the dequantize kernel) on one GPU: correctness at real sizes, then timings.
 
-Usage: python benchmarks/kernels_sweep.py [--out DIR]. Each weight shape is replicated until the copies exceed
-the L2 cache and the calls rotate over them, so that every timing streams W from device memory. Medians of a
-CUDA graph's replays (triton.testing.do_bench). Prints one JSON line per measurement and a table last.
+Usage: python benchmarks/kernels_sweep.py [--out DIR] [--shapes A,B] [--baseline FILE.py] [--dequant] [--decode].
+Each weight shape is replicated until the copies exceed the L2 cache and the calls rotate over them, so that every
+timing streams W from device memory. Medians of a CUDA graph's replays (triton.testing.do_bench). M = 1 GEMV tiles
+are timed beside bf16 cuBLAS, bitsandbytes' matmul_4bit (if installed) and --baseline, another gemv.py (e.g. the
+previous commit's) run with its default tile. --dequant adds the dequantize tile sweep, --decode the 8B decode step
+of kernels.py. Prints one JSON line per measurement and a table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import sys
 
 import torch
 import triton
@@ -23,7 +28,9 @@ from nf4.kernels import gemv as kgemv
 SHAPES = {"70B_up": (28672, 8192), "70B_down": (8192, 28672), "8B_up": (14336, 4096), "8B_down": (4096, 14336),
           "8B_qo": (4096, 4096)}  # fmt: skip
 MS = (1,)
-CONFIGS = [kgemv.GemvConfig(bn, kb, w, st) for bn, kb, w, st in [(16, 8, 4, 3), (32, 8, 4, 3), (64, 4, 8, 3)]]
+# (block_n, kb, num_warps, num_stages)
+TILES = [(16, 8, 4, 3), (32, 8, 4, 3), (64, 4, 8, 3)]
+CONFIGS = [kgemv.GemvConfig(*t) for t in TILES]
 DEQUANT = [(4096, 4), (4096, 8), (8192, 8), (16384, 8), (16384, 16), (32768, 16)]
 ROTATE_BYTES = 256 << 20
 ROWS: list[dict] = []
@@ -56,7 +63,7 @@ def poison() -> None:
     torch.full((1 << 28,), float("nan"), device="cuda")
 
 
-def sweep_shape(name: str, copy_gbps: float) -> None:
+def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool) -> None:
     n, k = SHAPES[name]
     copies = max(1, -(-ROTATE_BYTES // (n * k // 2)))
     qs = [ops.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
@@ -70,17 +77,31 @@ def sweep_shape(name: str, copy_gbps: float) -> None:
         t_deq = graph_ms([lambda q=q, x=x: kgemm.gemm(x, *qargs(q), n, None) for q in qs[:2]])
         row = dict(what="gemv", shape=name, M=m, bf16_ms=round(t_bf, 4), deq_cublas_ms=round(t_deq, 4),
                    floor4_ms=round(floor4, 4), cfg={})  # fmt: skip
-        for cfg in CONFIGS:
-            key = "/".join(str(v) for v in cfg.__dict__.values())
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            import bitsandbytes as bnb
+            import bitsandbytes.functional as bnbf
+
+            bqs = [bnbf.quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), quant_type="nf4",
+                                      blocksize=64, compress_statistics=True) for _ in range(copies)]  # fmt: skip
+            row["bnb_ms"] = round(graph_ms([lambda b=b, x=x: bnb.matmul_4bit(x, b[0].t(), b[1]) for b in bqs]), 4)
+            del bqs
+        variants = [(c, "/".join(str(v) for v in c.__dict__.values()), kgemv.gemv) for c in CONFIGS]
+        if baseline is not None:
+            variants.append((None, "baseline", baseline.gemv))
+        for cfg, key, fn in variants:
             try:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)  # fresh input for every check
+                ref = x.double() @ w0.T
                 poison()
-                out = kgemv.gemv(x, *qargs(qs[0]), n, None, cfg)
-                rel = ((out.double() - ref).norm() / ref.norm()).item()
-                t = graph_ms([lambda q=q, x=x, c=cfg: kgemv.gemv(x, *qargs(q), n, None, c) for q in qs])
+                out = fn(x, *qargs(qs[0]), n, None, cfg)
+                rel = ((out.double() - ref).norm() / ref.norm()).item()  # NaN if any element was left unwritten
+                t = graph_ms([lambda q=q, x=x, c=cfg, f=fn: f(x, *qargs(q), n, None, c) for q in qs])
                 row["cfg"][key] = (round(t, 4), float(f"{rel:.1e}"))
             except Exception as e:  # noqa: BLE001 - a config that fails to compile is a data point
                 row["cfg"][key] = repr(e)[:120]
         record(**row)
+    if not dequant:
+        return
     for bpp, warps in DEQUANT:
         kdequantize._BYTES_PER_PROGRAM, kdequantize._NUM_WARPS = bpp, warps
         bufs = [torch.empty(n * k, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
@@ -97,22 +118,38 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--baseline", help="another gemv.py to time beside this one, with its default tile")
+    parser.add_argument("--dequant", action="store_true")
+    parser.add_argument("--decode", action="store_true")
     args = parser.parse_args()
+    baseline = None
+    if args.baseline:
+        spec = importlib.util.spec_from_file_location("gemv_baseline", args.baseline)
+        baseline = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(baseline)
     a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     copy_gbps = 2 * 2**30 / graph_ms([lambda a=a, b=b: b.copy_(a)]) / 1e6
     del a, b
     record(what="device", name=torch.cuda.get_device_name(), triton=triton.__version__, copy_GBps=round(copy_gbps))
     for name in args.shapes.split(","):
-        sweep_shape(name, copy_gbps)
+        sweep_shape(name, copy_gbps, baseline, args.dequant)
         torch.cuda.empty_cache()
+        with open(os.path.join(args.out, "sweep.json"), "w") as f:
+            json.dump(ROWS, f, indent=1)
+    if args.decode:
+        import kernels  # benchmarks/kernels.py, beside this file
+
+        kernels.decode_step()
+        ROWS.extend(kernels.RESULTS)
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(ROWS, f, indent=1)
     for r in ROWS:
         if r["what"] == "gemv":
             best = min((v[0], c) for c, v in r["cfg"].items() if isinstance(v, tuple))
             print(
-                f"{r['shape']:8} M={r['M']:<3} bf16 {r['bf16_ms']:.4f} deq+cublas {r['deq_cublas_ms']:.4f} "
+                f"{r['shape']:8} M={r['M']:<3} bf16 {r['bf16_ms']:.4f} bnb {r.get('bnb_ms')} "
+                f"deq+cublas {r['deq_cublas_ms']:.4f} "
                 f"floor4 {r['floor4_ms']:.4f} best {best[1]} {best[0]:.4f} -> {r['bf16_ms'] / best[0]:.2f}x bf16 | "
                 + " ".join(f"{c}:{v[0] if isinstance(v, tuple) else 'ERR'}" for c, v in r["cfg"].items())
             )

@@ -84,3 +84,18 @@ def test_compile_fullgraph() -> None:
     x = torch.randn(4, 128, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(lambda x: ops.matmul(x, q), fullgraph=True)
     torch.testing.assert_close(compiled(x), ops.matmul(x, q))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_gemv_decode_sizes(dtype: torch.dtype, double_quant: bool) -> None:
+    # the M = 1 kernel at a real size, each x dtype (read as element pairs), rows that end a partial row tile
+    n, k = 4100, 4096
+    q = ops.quantize(torch.randn(n, k, device="cuda"), double_quant=double_quant)
+    x = torch.randn(k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    _poison()
+    out = ops.matmul(x, q, bias)
+    ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.dtype == dtype and out.shape == (n,) and rel < {torch.float32: 1e-5}.get(dtype, 4e-3)
