@@ -156,11 +156,17 @@ def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
+def _output_in_input_dtype(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.to(args[0].dtype) if args and isinstance(args[0], torch.Tensor) else output
+
+
 def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
     """Freeze the model and wrap its target layers with LoRA adapters, in place.
 
     Every existing parameter is frozen; norm weights are kept in fp32 (they are tiny and bf16 norms lose
-    precision). The 4-bit weights are untouched: no float copy of the base is made.
+    precision), and each norm's output is cast back to its input's dtype so that the layers after it (an
+    unquantized lm_head in bf16, say) see the model's dtype. The 4-bit weights are untouched: no float copy
+    of the base is made.
 
     Returns:
         The same model; its trainable parameters are exactly the adapters.
@@ -173,6 +179,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
     for m in model.modules():
         if _is_norm(m):
             m.float()
+            m.register_forward_hook(_output_in_input_dtype)
     names = _targets(model, config)
     if not names:
         raise ValueError("the model has no linear layers to put LoRA adapters on")
