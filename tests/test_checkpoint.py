@@ -93,6 +93,13 @@ def smollm_ids(smollm_ckpt: tuple[Path, dict]) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
+def smollm_nf4_logits(smollm_nf4: torch.nn.Module, smollm_ids: torch.Tensor) -> torch.Tensor:
+    """Our model's logits on PROMPT, computed once (a CPU forward dequantizes every layer)."""
+    with torch.no_grad():
+        return smollm_nf4(smollm_ids).logits
+
+
+@pytest.fixture(scope="module")
 def minilm() -> torch.nn.Module:
     return transformers.AutoModel.from_pretrained(_minilm_dir()).eval()
 
@@ -136,9 +143,11 @@ def test_gguf_streamed_weights_are_nf4_quantize_of_the_float_weights(smollm_floa
     assert type(smollm_nf4.lm_head) is torch.nn.Linear
 
 
-def test_gguf_quantized_logits_equal_the_dequantized_float_model(smollm_float, smollm_nf4, smollm_ids):
+def test_gguf_quantized_logits_equal_the_dequantized_float_model(
+    smollm_float, smollm_nf4, smollm_nf4_logits, smollm_ids
+):
     with torch.no_grad(), _dequantized_weights(smollm_float, smollm_nf4) as ref:
-        got, want = smollm_nf4(smollm_ids).logits, ref(smollm_ids).logits
+        got, want = smollm_nf4_logits, ref(smollm_ids).logits
     # Same fp32 weights on both sides; only the matmul call differs (2-D vs 3-D input): rounding-level atol.
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
@@ -165,12 +174,12 @@ def test_peak_memory_while_quantizing_gguf_under_twice_the_float_model(smollm_ck
     assert peak < MAX_RSS_VS_FLOAT * float_bytes
 
 
-def test_our_checkpoint_loads_in_transformers_bitsandbytes(smollm_ckpt, smollm_nf4, smollm_ids):
+def test_our_checkpoint_loads_in_transformers_bitsandbytes(smollm_ckpt, smollm_nf4_logits, smollm_ids):
     pytest.importorskip("bitsandbytes")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm_ckpt[0], device_map="cpu")
     assert type(theirs.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     with torch.no_grad():
-        torch.testing.assert_close(theirs(smollm_ids).logits, smollm_nf4(smollm_ids).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(theirs(smollm_ids).logits, smollm_nf4_logits, rtol=0, atol=1e-4)
 
 
 def test_saved_config_carries_the_bitsandbytes_quantization_config(smollm_ckpt):
