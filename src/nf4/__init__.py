@@ -8,3 +8,7 @@ from nf4.checkpoint import from_pretrained, load_float, load_tokenizer, save_pre
 from nf4.nn import LinearNF4, quantize_model  # noqa: E402
 
 __all__ += ["LinearNF4", "from_pretrained", "load_float", "load_tokenizer", "quantize_model", "save_pretrained"]
+from nf4.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
+from nf4.train import TrainArgs, finetune  # noqa: E402
+
+__all__ += ["LoraConfig", "TrainArgs", "add_lora", "finetune", "load_adapter", "merge_lora", "save_adapter"]
