@@ -115,15 +115,15 @@ def abnormal_float(blocksize: int, samples: int = 1 << 21, iterations: int = 40)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(samples // blocksize, blocksize, generator=g)
         y = x / x.abs().amax(dim=1, keepdim=True)
-        y = y[y.abs() < 1]
+        y = y[y.abs() < 1].sort().values  # sorted: each cell is a slice, its median the middle element
         lv = codebook.levels("nf4").double()
-        free = [i for i in range(16) if i not in (0, 7, 15)]
+        free = torch.tensor([i for i in range(16) if i not in (0, 7, 15)])
         for _ in range(iterations):
-            cell = torch.bucketize(y, ((lv[1:] + lv[:-1]) / 2).float())
-            for i in free:
-                members = y[cell == i]
-                if members.numel():
-                    lv[i] = members.median().double()
+            edges = torch.searchsorted(y, ((lv[1:] + lv[:-1]) / 2).float())
+            lo = torch.cat([torch.zeros(1, dtype=edges.dtype), edges])
+            hi = torch.cat([edges, torch.tensor([y.numel()])])
+            mid = ((lo + hi - 1) // 2).clamp(0, y.numel() - 1)
+            lv[free] = torch.where(hi[free] > lo[free], y[mid[free]].double(), lv[free])
             lv = lv.sort().values
         _AF4[blocksize] = lv.float()
     return _AF4[blocksize]
@@ -159,10 +159,11 @@ def fake_quantize(w: torch.Tensor, f: Format, blocksize: int) -> tuple[torch.Ten
     n = flat.numel()
     x = torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize)
     lv = levels_of(f, blocksize).to(w.device)
+    mids = codebook.midpoints(lv).to(w.device)
     if f.base in BNB_FORMATS:
         q = fmt.quantize(w.detach().float(), f.base, blocksize, f.double_quant)
         out = fmt.dequantize(q, torch.float32)
-        codes = torch.bucketize(out.reshape(-1) / _expand(q.absmax_fp32(), blocksize, n), codebook.midpoints(lv))
+        codes = torch.bucketize(out.reshape(-1) / _expand(q.absmax_fp32(), blocksize, n), mids)
         return out, codes
     if f.base == "int4-asym":
         lo, hi = x.amin(dim=1), x.amax(dim=1)
@@ -174,7 +175,7 @@ def fake_quantize(w: torch.Tensor, f: Format, blocksize: int) -> tuple[torch.Ten
         codes, scales = fit_scales(x, lv)
     else:
         absmax = x.abs().amax(dim=1)
-        codes = torch.bucketize(x / torch.where(absmax > 0, absmax, 1.0)[:, None], codebook.midpoints(lv))
+        codes = torch.bucketize(x / torch.where(absmax > 0, absmax, 1.0)[:, None], mids)
         scales = absmax
     if f.double_quant:
         scales = _dq_scales(scales, blocksize)
@@ -346,7 +347,7 @@ def evaluate(
                                "sqnr_db": 10 * math.log10(w2 / err) if err > 0 else math.inf})  # fmt: skip
                 err_total, w2_total = err_total + err, w2_total + w2
                 bits += f.bits_per_param(w.numel(), bs) * w.numel()
-                counts += torch.bincount(codes.cpu(), minlength=counts.numel())
+                counts += torch.bincount(codes.long().cpu(), minlength=counts.numel())
                 p.data.copy_(out.to(p.dtype))
             value = score()
             for name, p in weights.items():

@@ -37,7 +37,7 @@ def fit_scales(x: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, tor
     """Per-row scale of ``x`` [nblocks, blocksize] (fp32) minimising the squared error on ascending ``levels``.
 
     Returns:
-        (codes int64 [nblocks, blocksize], scales fp32 [nblocks]); an all-zero row gets scale 0 and the
+        (codes int32 [nblocks, blocksize], scales fp32 [nblocks]); an all-zero row gets scale 0 and the
         code of level 0.
     """
     levels = levels.to(x.device)
@@ -46,17 +46,18 @@ def fit_scales(x: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, tor
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
 
     def code(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = torch.bucketize(x / scale[:, None], mids)
+        c = torch.bucketize(x / scale[:, None], mids, out_int32=True)
         return c, (levels[c] * scale[:, None] - x).square().sum(dim=1)
 
+    # The grid pass keeps only the best scale and error per row (no [nblocks, blocksize] copies per candidate).
     best_s = safe.clone()
-    best_c, best_e = code(best_s)
+    best_e = code(best_s)[1]
     for s in SCALE_GRID:
-        c, e = code(safe * s)
+        e = code(safe * s)[1]
         better = e < best_e
         best_s = torch.where(better, safe * s, best_s)
         best_e = torch.where(better, e, best_e)
-        best_c = torch.where(better[:, None], c, best_c)
+    best_c = code(best_s)[0]
     for _ in range(REFINE_STEPS):
         lv = levels[best_c]
         s = (x * lv).sum(dim=1) / (lv * lv).sum(dim=1).clamp_min(1e-30)
