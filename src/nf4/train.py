@@ -620,7 +620,7 @@ def finetune(
     return train(model, tokenizer, examples, out, args, resume, name, progress, callback)
 
 
-def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
+def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 16) -> str:
     """Greedy continuation of ``prompt`` (chat-formatted when the tokenizer has a template)."""
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(
@@ -642,12 +642,14 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens:
 
 
 DEMO_PROMPT = "What does the GNU General Public License say about warranty?"
+# On CPU a step's cost is mostly dequantizing the 4-bit weights (once forward, once backward), whatever the batch:
+# few steps of a wider batch. Generation dequantizes every layer per token: short generations.
 DEMO_ARGS = TrainArgs(
-    steps=30,
-    batch_size=4,
+    steps=20,
+    batch_size=8,
     grad_accum=1,
     seq_len=64,
-    eval_examples=16,
+    eval_examples=8,
     lr=1e-3,
     r=16,
     lora_alpha=32,
@@ -713,7 +715,7 @@ def merge(
     lora.read_adapter_config(adapter)  # fail before the slow load
     model = checkpoint.from_pretrained(base)
     lora.load_adapter(model, adapter)
-    lora.merge_lora(model, torch.float32)
+    lora.dequantize_model(lora.merge_lora(model, torch.float32))  # layers without an adapter too
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tokenizer = checkpoint.load_tokenizer(base) if checkpoint.has_tokenizer(base) else None
@@ -725,7 +727,6 @@ def merge(
         )
         return checkpoint.save_pretrained(quantize_model(model), out, tokenizer=tokenizer)
     model.to(dtype)
-    model.config.torch_dtype = dtype
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
