@@ -38,8 +38,24 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="module")
 def minilm_ckpt(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("cli") / "minilm-fp4"
-    assert main(["quantize", str(minilm_dir), str(out), "--quant-type", "fp4", "--blocksize", "128",
-                 "--no-double-quant", "--skip", "pooler", "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "quantize",
+                str(minilm_dir),
+                str(out),
+                "--quant-type",
+                "fp4",
+                "--blocksize",
+                "128",
+                "--no-double-quant",
+                "--skip",
+                "pooler",
+                "--json",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -148,7 +164,11 @@ def test_console_script_reports_a_missing_path(tmp_path):
     script = Path(sys.executable).with_name("nf4")
     if not script.exists():
         pytest.skip("the nf4 console script is not installed (pip install -e .)")
-    run = subprocess.run([str(script), "quantize", str(tmp_path / "nope"), str(tmp_path / "out")], capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [str(script), "quantize", str(tmp_path / "nope"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1 and run.stderr.strip().endswith("nope: no such file or folder")
     assert len(run.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()

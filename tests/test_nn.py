@@ -112,8 +112,10 @@ def test_quantize_model_replaces_linears_but_skipped_ones():
     assert type(model2[0]) is nn.Linear and model2[1].blocksize == 32 and not model2[1].qweight.double_quant
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"quant_type": "nf3"}, "unknown quant_type 'nf3'"),
-                                                  ({"blocksize": 48}, "unsupported blocksize 48")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"quant_type": "nf3"}, "unknown quant_type 'nf3'"), ({"blocksize": 48}, "unsupported blocksize 48")],
+)
 def test_quantize_model_validates_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         quantize_model(nn.Sequential(nn.Linear(4, 4)), **kwargs)

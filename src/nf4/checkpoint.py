@@ -305,14 +305,25 @@ def _swap_linears(model: nn.Module, names: list[str], compute_dtype: torch.dtype
         if type(linear) is not nn.Linear:
             raise CheckpointError(f"{name} holds a 4-bit weight but is a {type(linear).__name__}, not an nn.Linear")
         layer = LinearNF4(
-            linear.in_features, linear.out_features, linear.bias is not None, "meta", linear.weight.dtype,
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            "meta",
+            linear.weight.dtype,
             compute_dtype=compute_dtype,
-        )  # fmt: skip
+        )
         setattr(parent, child, layer)
 
 
-def _load(model: nn.Module, source: Any, label: str, quantized: bool, options: dict[str, Any],
-          dtype: torch.dtype | None, progress: Progress) -> None:  # fmt: skip
+def _load(
+    model: nn.Module,
+    source: Any,
+    label: str,
+    quantized: bool,
+    options: dict[str, Any],
+    dtype: torch.dtype | None,
+    progress: Progress,
+) -> None:
     """Fill the skeleton from ``source``, one tensor at a time, quantizing float weights of the LinearNF4 layers."""
     # A tied tensor has several keys (embed_tokens.weight, lm_head.weight): load it once, from whichever is there.
     aliases: dict[int, list[str]] = {}
@@ -328,28 +339,29 @@ def _load(model: nn.Module, source: Any, label: str, quantized: bool, options: d
         if found is None:
             raise CheckpointError(f"{label}: missing tensor {key!r}")
         where = source.where[found]
-        if is_q and quantized:
+        if not is_q:
+            _assign(module, key.rpartition(".")[2], _cast(source.get(found), dtype), f"{where}: tensor {found!r}")
+            done.add(ident)
+            continue
+        if quantized:
             keys = [k for k in source.keys() if k == found or k.startswith(f"{found}.")]
             try:
                 q = QuantizedTensor.from_state_dict({k: source.get(k) for k in keys}, found)
             except FormatError as e:
                 raise CheckpointError(f"{where}: {e}") from e
-        elif is_q:
-            w = source.get(found)
-            q = quantize(w if dtype is None else w.to(dtype), **options)
         else:
-            t = source.get(found)
-            t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        if is_q:
-            if tuple(q.shape) != (module.out_features, module.in_features):
-                raise CheckpointError(
-                    f"{where}: tensor {found!r} has shape {tuple(q.shape)}, the model expects "
-                    f"{(module.out_features, module.in_features)}"
-                )
-            module.set_weight(q)
-        else:
-            _assign(module, key.rpartition(".")[2], t, f"{where}: tensor {found!r}")
+            q = quantize(_cast(source.get(found), dtype), **options)
+        if tuple(q.shape) != (module.out_features, module.in_features):
+            raise CheckpointError(
+                f"{where}: tensor {found!r} has shape {tuple(q.shape)}, the model expects "
+                f"{(module.out_features, module.in_features)}"
+            )
+        module.set_weight(q)
         done.add(ident)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def _is_qweight(module: nn.Module, key: str) -> bool:
@@ -658,8 +670,16 @@ def describe(ckpt: str | os.PathLike) -> list[dict[str, Any]]:
         entry = headers[source.where[key]][key]
         if group is None:
             numel = torch.Size(entry["shape"]).numel()
-            rows.append({"name": key, "shape": entry["shape"], "format": entry["dtype"].lower(), "numel": numel,
-                         "bytes": nbytes[key], "bits_per_param": 8 * nbytes[key] / max(numel, 1)})  # fmt: skip
+            rows.append(
+                {
+                    "name": key,
+                    "shape": entry["shape"],
+                    "format": entry["dtype"].lower(),
+                    "numel": numel,
+                    "bytes": nbytes[key],
+                    "bits_per_param": 8 * nbytes[key] / max(numel, 1),
+                }
+            )
             continue
         members = [k for k in source.keys() if k == key or k.startswith(f"{key}.")]
         try:
@@ -668,6 +688,14 @@ def describe(ckpt: str | os.PathLike) -> list[dict[str, Any]]:
             raise CheckpointError(f"{source.where[key]}: {e}") from e
         size = sum(nbytes[k] for k in members)
         fmt = f"{q.quant_type}{'+dq' if q.double_quant else ''} b{q.blocksize}"
-        rows.append({"name": key, "shape": list(q.shape), "format": fmt, "numel": q.numel(), "bytes": size,
-                     "bits_per_param": 8 * size / q.numel()})  # fmt: skip
+        rows.append(
+            {
+                "name": key,
+                "shape": list(q.shape),
+                "format": fmt,
+                "numel": q.numel(),
+                "bytes": size,
+                "bits_per_param": 8 * size / q.numel(),
+            }
+        )
     return rows
