@@ -645,7 +645,7 @@ DEMO_PROMPT = "What does the GNU General Public License say about warranty?"
 # On CPU a step's cost is mostly dequantizing the 4-bit weights (once forward, once backward), whatever the batch:
 # few steps of a wider batch. Generation dequantizes every layer per token: short generations.
 DEMO_ARGS = TrainArgs(
-    steps=20,
+    steps=10,
     batch_size=8,
     grad_accum=1,
     seq_len=64,
@@ -653,8 +653,8 @@ DEMO_ARGS = TrainArgs(
     lr=1e-3,
     r=16,
     lora_alpha=32,
-    save_every=10,
-    eval_every=10,
+    save_every=5,
+    eval_every=5,
     gradient_checkpointing=False,
 )
 
