@@ -152,6 +152,12 @@ _matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup_conte
 # ------------------------------------------------------------------------------------ public wrappers
 
 
+def _eager_cpu(t: torch.Tensor) -> bool:
+    """Eager code off the GPU: format.py's chunked (and, for large tensors, fused) path beats the op's
+    single-pass traceable one, and skips the op dispatch, which costs more than a small layer's matmul."""
+    return not _on_gpu(t) and not torch.compiler.is_compiling()
+
+
 def _qargs(q: QuantizedTensor) -> tuple:
     return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.nested_offset or 0.0, q.blocksize)
 
@@ -165,6 +171,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     dtype = q.dtype if dtype is None else dtype
     if dtype not in format.FLOAT_DTYPES:
         raise FormatError(f"cannot dequantize to {dtype}; expected float32, float16 or bfloat16")
+    if _eager_cpu(q.data):
+        return format.dequantize(q, dtype)
     return torch.ops.nf4.dequantize(*_qargs(q), list(q.shape), dtype)
 
 
@@ -218,4 +226,6 @@ def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if _eager_cpu(x):
+        return F.linear(x, format.dequantize(q, x.dtype), bias)
     return torch.ops.nf4.matmul(x, *_qargs(q), n, bias)
