@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -102,13 +101,7 @@ class LoraLinear(nn.Module):
         self.lora_B.to(config.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        if isinstance(base, LinearNF4) and x.device.type == "cpu":
-            dtype = base.compute_dtype or torch.float32
-            y = _CpuLinearNF4.apply(x.to(dtype), base)
-            y = (y if base.bias is None else y + base.bias.to(dtype)).to(x.dtype)
-        else:
-            y = base(x)
+        y = self.base_layer(x)
         a, b = self.lora_A[ADAPTER_NAME], self.lora_B[ADAPTER_NAME]
         h = self.lora_dropout[ADAPTER_NAME](x.to(a.weight.dtype))
         return y + (b(a(h)) * self.scaling).to(y.dtype)
@@ -117,21 +110,6 @@ class LoraLinear(nn.Module):
         """fp32 ``scaling * B @ A`` ``[out, in]``: what merging adds to the base weight."""
         a, b = self.lora_A[ADAPTER_NAME].weight.float(), self.lora_B[ADAPTER_NAME].weight.float()
         return (b @ a) * self.scaling
-
-
-class _CpuLinearNF4(torch.autograd.Function):
-    """CPU: ``x @ dequantize(W).T`` through ``nf4.format.dequantize`` (its fused CPU path is several times faster
-    than the traceable path of ``nf4::matmul`` on CPU, which dominates a CPU training step). Backward dequantizes
-    again rather than saving W, so no float copy of the base outlives a call; the gradient goes to x only."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, layer: LinearNF4) -> torch.Tensor:
-        ctx.layer = layer
-        return F.linear(x, fmt.dequantize(layer.qweight, x.dtype))
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ fmt.dequantize(ctx.layer.qweight, grad.dtype), None
 
 
 # ------------------------------------------------------------------------------------------------ attach

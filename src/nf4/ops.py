@@ -227,5 +227,23 @@ def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if _eager_cpu(x):
-        return F.linear(x, format.dequantize(q, x.dtype), bias)
+        return _EagerMatmul.apply(x, q, bias)
     return torch.ops.nf4.matmul(x, *_qargs(q), n, bias)
+
+
+class _EagerMatmul(torch.autograd.Function):
+    """Eager CPU: ``x @ dequantize(W).T`` through format.dequantize. Backward dequantizes again rather than
+    saving W, so no float copy of the base outlives a call (QLoRA keeps only the 4-bit weight)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        ctx.q = q
+        return F.linear(x, format.dequantize(q, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+        grad_x = grad @ format.dequantize(ctx.q, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias
