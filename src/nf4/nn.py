@@ -17,29 +17,14 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nf4 import codebook
+from nf4 import codebook, ops
 from nf4 import format as fmt
 from nf4.format import QuantizedTensor
 
-try:
-    from nf4 import ops as _ops
-except ModuleNotFoundError as e:  # the fused kernels are optional; the reference path below is always there
-    if e.name != "nf4.ops":
-        raise
-    _ops = None
-
 # Buffer names in memory (attribute names cannot hold dots); on disk each is "weight.<field>".
 _FIELDS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-
-
-def _linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ dequantize(q).T + bias, in x's dtype: the fused op when installed, else the reference."""
-    if _ops is not None:
-        return _ops.matmul(x, q, bias)
-    return F.linear(x, fmt.dequantize(q, x.dtype), bias)
 
 
 def _placeholder(
@@ -176,7 +161,7 @@ class LinearNF4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute_dtype = self.compute_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
         bias = None if self.bias is None else self.bias.to(compute_dtype)
-        return _linear(x.to(compute_dtype), self.qweight, bias).to(x.dtype)
+        return ops.matmul(x.to(compute_dtype), self.qweight, bias).to(x.dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LinearNF4:
         # Module.to(dtype) and .half() cast every floating buffer, but the quant state must stay fp32 (casting
