@@ -164,12 +164,14 @@ def test_bad_blocksize() -> None:
 
 
 def test_search_never_worse_than_absmax_per_block(gaussian: torch.Tensor) -> None:
+    """The fitted scale's weighted error (the objective) is at most plain NF4's in every block."""
     x = gaussian.view(-1, 64)
     lv = codebook.levels("nf4")
     codes, scales = search.fit_scales(x, lv)
-    err = (lv[codes] * scales[:, None] - x).square().sum(1)
+    w = search.importance(x)
+    err = ((lv[codes] * scales[:, None] - x).square() * w).sum(1)
     plain = fmt.dequantize(fmt.quantize(gaussian, "nf4", 64, False)).view(-1, 64)
-    assert (err <= (plain - x).square().sum(1) * (1 + 1e-5)).all()
+    assert (err <= ((plain - x).square() * w).sum(1) * (1 + 1e-5)).all()
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -300,3 +302,21 @@ def test_cli_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path:
     assert err.count("\n") == 1 and "unknown format 'bogus'" in err
     assert main(["eval", "--text", str(tmp_path / "missing.txt")]) == 1
     assert "no such text file" in capsys.readouterr().err
+
+
+def test_nf4_quantize_cli_writes_nf4_search_as_a_plain_nf4_checkpoint(tmp_path: Path) -> None:
+    """`nf4 quantize --quant-type nf4-search`: NF4 bytes with searched scales, loadable as any nf4 checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nf4 import checkpoint, cli
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    src = tmp_path / "src"
+    LlamaForCausalLM(cfg).save_pretrained(src)
+    assert cli.main(["quantize", str(src), str(tmp_path / "out"), "--quant-type", "nf4-search", "--json"]) == 0
+    model = checkpoint.from_pretrained(tmp_path / "out")
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.qweight.quant_type == "nf4"
+    w = checkpoint.load_float(src).model.layers[0].mlp.up_proj.weight.detach()
+    assert torch.equal(layer.qweight.data, search.quantize_search(w, 64, True).data)

