@@ -202,9 +202,9 @@ def test_state_dict_is_bitsandbytes_layout(quant_type, double_quant, dtype):
     theirs = {f"weight.{k}": v for k, v in state.as_dict(packed=True).items()} | {"weight": packed}
     ours = nf4.quantize(x, quant_type, 64, double_quant).state_dict("weight")
     assert sorted(ours) == sorted(theirs)
-    for k in ours:
-        assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape, k
     key = f"weight.quant_state.bitsandbytes__{quant_type}"
+    for k in ours:  # the JSON's length follows the offset's digits, which may differ by an ulp: compared below
+        assert ours[k].dtype == theirs[k].dtype and (k == key or ours[k].shape == theirs[k].shape), k
     meta_ours, meta_theirs = (json.loads(bytes(d[key].tolist())) for d in (ours, theirs))
     meta_theirs.pop("nested_offset", None), meta_ours.pop("nested_offset", None)
     assert meta_ours == meta_theirs
