@@ -38,7 +38,7 @@ from importlib.resources import files
 
 import torch
 
-from nf4 import codebook, cpu
+from nf4 import codebook, cpu, native
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -402,6 +402,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
         raise FormatError(f"cannot dequantize to {dtype}; expected float32, float16 or bfloat16")
     n, bs = q.numel(), q.blocksize
     absmax = q.absmax_fp32()
+    if native.usable(q.data, dtype):
+        return native.dequantize(q.data, absmax, q.quant_map, n, bs, dtype).view(q.shape)
     if cpu.usable(q.data) and n % bs == 0:
         try:
             return cpu.dequantize_blocks(q.data.view(-1, bs // 2), absmax, q.quant_map, dtype).view(q.shape)

@@ -1,0 +1,71 @@
+"""The compiled C dequantize gives the reference's values exactly, and a missing compiler only costs speed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nf4
+from nf4 import cpu, native
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler, or NF4_NO_COMPILE")
+
+
+def _reference(monkeypatch: pytest.MonkeyPatch, q: nf4.QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    with monkeypatch.context() as m:
+        m.setattr(native, "usable", lambda *a: False)
+        m.setattr(cpu, "usable", lambda t: False)
+        return nf4.dequantize(q, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("quant_type", "blocksize", "n"), [("nf4", 64, 3 * 2**18 + 65), ("fp4", 32, 1001),
+                                                            ("int4", 4096, 2**20), ("nf4", 128, 7)])  # fmt: skip
+def test_native_dequantize_is_the_reference(monkeypatch, dtype, quant_type, blocksize, n):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x = torch.randn(n, generator=g) * 0.02
+    x[: min(n, blocksize)] = 0  # an all-zero block
+    if n > 2 * blocksize:
+        x[blocksize : 2 * blocksize] *= 1e-3  # fp16 subnormal outputs: rounded, not flushed
+        x[2 * blocksize + 3] = 1e-36  # products below FLT_MIN are flushed to zero
+    q = nf4.quantize(x, quant_type, blocksize, double_quant=n > 1000)
+    assert native.usable(q.data, dtype)
+    ours = nf4.dequantize(q, dtype)
+    assert ours.dtype == dtype and ours.shape == x.shape
+    assert torch.equal(ours.view(torch.uint8), _reference(monkeypatch, q, dtype).view(torch.uint8))
+
+
+def test_native_dequantize_is_the_same_on_any_thread_count(monkeypatch):
+    q = nf4.quantize(torch.randn(1 << 20) * 0.1)
+    one = nf4.dequantize(q)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    assert torch.equal(one, nf4.dequantize(q))
+
+
+def test_a_failed_compile_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("NF4_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    monkeypatch.setattr(native, "_compiler", lambda: "false")
+    native.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not compile"):
+            assert native.library() is None
+        assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+        q = nf4.quantize(torch.randn(4096))
+        assert torch.allclose(nf4.dequantize(q), _reference(monkeypatch, q, torch.float32))
+    finally:
+        native.library.cache_clear()
+
+
+def test_compiles_into_the_cache_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("NF4_CACHE_DIR", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        built = list(tmp_path.iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"
+        native.library.cache_clear()
+        stamp = built[0].stat().st_mtime_ns
+        assert native.library() is not None and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    finally:
+        native.library.cache_clear()
