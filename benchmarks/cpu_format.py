@@ -19,36 +19,41 @@ import torch
 import nf4
 
 
-def _time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(first call, median of the warm calls) in seconds."""
-    t = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t
-    warm = []
-    for _ in range(repeats):
+def _time_pair(ours: Callable[[], object], theirs: Callable[[], object], repeats: int) -> tuple[float, ...]:
+    """(ours first call, ours warm median, theirs first, theirs warm median) in seconds.
+
+    The warm calls alternate, so both see the same machine noise and the same allocator state (a freed 32 MiB
+    buffer may come back from glibc's heap with its pages already mapped, or fault in afresh).
+    """
+    first = []
+    for fn in (ours, theirs):
         t = time.perf_counter()
         fn()
-        warm.append(time.perf_counter() - t)
-    return first, statistics.median(warm)
+        first.append(time.perf_counter() - t)
+    warm: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, times in zip((ours, theirs), warm, strict=True):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return first[0], statistics.median(warm[0]), first[1], statistics.median(warm[1])
 
 
 def _bench(shape: tuple[int, int], repeats: int) -> list[dict[str, float | str]]:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 0.02
     q = nf4.quantize(x)
     packed, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
-    ours = {
-        "quantize": _time(lambda: nf4.quantize(x), repeats),
-        "dequantize": _time(lambda: nf4.dequantize(q), repeats),
+    pairs = {
+        "quantize": (lambda: nf4.quantize(x), lambda: F.quantize_4bit(x, blocksize=64, compress_statistics=True)),
+        "dequantize": (lambda: nf4.dequantize(q), lambda: F.dequantize_4bit(packed, state)),
     }
-    theirs = {
-        "quantize": _time(lambda: F.quantize_4bit(x, blocksize=64, compress_statistics=True), repeats),
-        "dequantize": _time(lambda: F.dequantize_4bit(packed, state), repeats),
-    }
-    return [
-        {"shape": "x".join(map(str, shape)), "op": op, "nf4_ms": 1e3 * ours[op][1], "bnb_ms": 1e3 * theirs[op][1],
-         "speedup": theirs[op][1] / ours[op][1], "nf4_first_ms": 1e3 * ours[op][0], "bnb_first_ms": 1e3 * theirs[op][0]}
-        for op in ours
-    ]  # fmt: skip
+    rows = []
+    for op, (ours, theirs) in pairs.items():
+        our_first, our_warm, their_first, their_warm = _time_pair(ours, theirs, repeats)
+        rows.append({"shape": "x".join(map(str, shape)), "op": op, "nf4_ms": 1e3 * our_warm,
+                     "bnb_ms": 1e3 * their_warm, "speedup": their_warm / our_warm, "nf4_first_ms": 1e3 * our_first,
+                     "bnb_first_ms": 1e3 * their_first})  # fmt: skip
+    return rows
 
 
 def main() -> None:
