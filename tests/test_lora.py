@@ -76,8 +76,10 @@ def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
-def test_forward_and_every_gradient_match_float_reference() -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["modules", "fused"])
+def test_forward_and_every_gradient_match_float_reference(fused: bool) -> None:
     model = qlora_model()
+    assert lora.set_fused(model, fused) == 2 * len(TARGETS)
     ref, adapters = float_reference(model)
     ids = batch()
     loss = loss_of(model, ids)
@@ -192,3 +194,126 @@ def test_merge_equals_base_plus_adapter() -> None:
         merged = lora.merge_lora(model)
         assert not list(lora.lora_layers(merged)) and not any(isinstance(m, LinearNF4) for m in merged.modules())
         torch.testing.assert_close(merged(ids).logits, want, atol=ATOL, rtol=RTOL)
+
+
+# ------------------------------------------------------------------------------ the fused LoRA matmul (one node)
+
+
+def fused_layer(in_features: int, out_features: int, dropout: float = 0.0, bias: bool = False) -> lora.LoraLinear:
+    """A LoraLinear over a LinearNF4 with B randomized, on the fused path."""
+    torch.manual_seed(0)
+    layer = lora.LoraLinear(
+        LinearNF4.from_linear(nn.Linear(in_features, out_features, bias=bias)),
+        lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout),
+    )
+    nn.init.normal_(layer.lora_B["default"].weight, 0, 0.1)
+    layer.fused = True
+    return layer
+
+
+def layer_reference(layer: lora.LoraLinear, x: torch.Tensor, mask: torch.Tensor | None, p: float) -> tuple:
+    """Plain-torch ``x Wᵀ + bias + s·(d(x) Aᵀ) Bᵀ`` on the dequantized W: (y, leaf x, leaf A, leaf B)."""
+    base = layer.base_layer
+    w = base.qweight.dequantize(torch.float32)
+    x = x.detach().clone().requires_grad_()
+    a = layer.lora_A["default"].weight.detach().clone().requires_grad_()
+    b = layer.lora_B["default"].weight.detach().clone().requires_grad_()
+    h = x if mask is None else x * mask / (1 - p)
+    y = x @ w.T + layer.scaling * (h @ a.T @ b.T)
+    return (y if base.bias is None else y + base.bias.detach()), x, a, b
+
+
+# Odd sizes: partial 4-bit blocks, rows not a multiple of anything; 3-D input as a transformer feeds it.
+@pytest.mark.parametrize("in_features,out_features", [(64, 96), (41, 9), (341, 130)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_layer_forward_and_gradients_match_reference(in_features: int, out_features: int, bias: bool) -> None:
+    layer = fused_layer(in_features, out_features, bias=bias)
+    x = torch.randn(3, 7, in_features, requires_grad=True)
+    gy = torch.randn(3, 7, out_features)
+    y = layer(x)
+    y.backward(gy)
+    want, rx, ra, rb = layer_reference(layer, x, None, 0.0)
+    want.backward(gy)
+    torch.testing.assert_close(y, want, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(x.grad, rx.grad, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(layer.lora_A["default"].weight.grad, ra.grad, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(layer.lora_B["default"].weight.grad, rb.grad, atol=ATOL, rtol=RTOL)
+    if bias:  # a bias that trains (add_lora freezes it; a bare LoraLinear does not)
+        torch.testing.assert_close(layer.base_layer.bias.grad, gy.sum((0, 1)), atol=ATOL, rtol=RTOL)
+
+
+def test_fused_layer_dropout_uses_one_mask_for_forward_and_backward() -> None:
+    p = 0.3
+    layer = fused_layer(64, 48, dropout=p).train()
+    x = torch.randn(5, 64, requires_grad=True)
+    gy = torch.randn(5, 48)
+    torch.manual_seed(11)
+    y = layer(x)
+    y.backward(gy)
+    # The node draws its keep-mask first thing, from the global generator: the same seed gives the same mask.
+    torch.manual_seed(11)
+    mask = torch.empty(5, 64, dtype=torch.bool).bernoulli_(1 - p)
+    assert 0 < mask.sum() < mask.numel()
+    want, rx, ra, rb = layer_reference(layer, x, mask, p)
+    want.backward(gy)
+    torch.testing.assert_close(y, want, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(x.grad, rx.grad, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(layer.lora_A["default"].weight.grad, ra.grad, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(layer.lora_B["default"].weight.grad, rb.grad, atol=ATOL, rtol=RTOL)
+
+
+def test_fused_bf16_compute_matches_reference_within_bf16_rounding() -> None:
+    layer = fused_layer(256, 192)
+    layer.base_layer.compute_dtype = torch.bfloat16
+    x = torch.randn(64, 256, requires_grad=True)
+    gy = torch.randn(64, 192)
+    y = layer(x)
+    y.backward(gy)
+    assert y.dtype == torch.float32 and layer.lora_A["default"].weight.grad.dtype == torch.float32
+    want, rx, ra, rb = layer_reference(layer, x, None, 0.0)
+    want.backward(gy)
+    # bf16 inputs to every product (8 bits of mantissa, 2^-9 relative rounding each) summed over 256 terms;
+    # errors measured here are ~1e-2 of the outputs' scale: 3e-2 leaves room without hiding a wrong formula.
+    for got, ref in [
+        (y, want),
+        (x.grad, rx.grad),
+        (layer.lora_A["default"].weight.grad, ra.grad),
+        (layer.lora_B["default"].weight.grad, rb.grad),
+    ]:
+        assert (got - ref).norm() / ref.norm() < 3e-2
+
+
+def test_fused_saves_less_for_backward_and_never_a_float_weight() -> None:
+    """What autograd keeps between forward and backward, in the GPU setting (bf16 compute, fp32 adapters): the
+    plain modules keep an fp32 copy of x for A's gradient; the fused node keeps bf16 x and [M, r], no W."""
+
+    def saved_bytes(layer: lora.LoraLinear, x: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+        kept: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            layer(x).sum().backward()
+        unique = {t.untyped_storage().data_ptr(): t for t in kept if t.dtype.is_floating_point}
+        return sum(t.untyped_storage().nbytes() for t in unique.values()), kept
+
+    x = torch.randn(2, 16, 128, dtype=torch.bfloat16, requires_grad=True)
+    layer = fused_layer(128, 320)
+    layer.base_layer.compute_dtype = torch.bfloat16
+    fused, kept = saved_bytes(layer, x)
+    layer.fused = False
+    plain, _ = saved_bytes(layer, x)
+    assert fused < plain
+    assert not any(t.shape == (320, 128) and t.dtype.is_floating_point for t in kept)
+
+
+def test_fused_model_with_checkpointing_and_dropout_gives_the_same_gradients() -> None:
+    plain, ckpt = qlora_model(dropout=0.1), qlora_model(dropout=0.1)
+    for model in (plain, ckpt):
+        lora.set_fused(model)
+        model.train()
+    lora.enable_gradient_checkpointing(ckpt)
+    ids = batch()
+    for model in (plain, ckpt):
+        torch.manual_seed(7)  # checkpointing replays the RNG: the recomputation draws the same masks
+        loss_of(model, ids).backward()
+    for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=ATOL, rtol=RTOL, msg=n)

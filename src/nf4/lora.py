@@ -10,6 +10,9 @@ zero, so a fresh adapter leaves the model unchanged. The module tree and the fil
     adapter_config.json: peft_type "LORA", r, lora_alpha, lora_dropout, target_modules, ...
 
 so ``peft.PeftModel.from_pretrained(float_base, folder)`` loads what ``save_adapter`` writes, and back.
+
+``set_fused(model)`` routes each layer over a ``LinearNF4`` through ``_LoraMatmul``: base and adapter in one
+autograd node that saves only x (and the dropout mask), in the compute dtype — the training path on GPU.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nf4 import format as fmt
+from nf4 import ops
 from nf4.nn import LinearNF4
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -99,10 +103,19 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B[ADAPTER_NAME].weight)
         self.lora_A.to(config.dtype)
         self.lora_B.to(config.dtype)
+        self.fused = False  # set_fused: base + adapter as one _LoraMatmul node (LinearNF4 bases only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         a, b = self.lora_A[ADAPTER_NAME], self.lora_B[ADAPTER_NAME]
+        if self.fused and isinstance(self.base_layer, LinearNF4):
+            base = self.base_layer
+            dtype = base.compute_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
+            bias = None if base.bias is None else base.bias.to(dtype)
+            drop = self.lora_dropout[ADAPTER_NAME]
+            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            y = _LoraMatmul.apply(x.to(dtype), a.weight, b.weight, base.qweight, bias, self.scaling, p)
+            return y.to(x.dtype)
+        y = self.base_layer(x)
         h = self.lora_dropout[ADAPTER_NAME](x.to(a.weight.dtype))
         return y + (b(a(h)) * self.scaling).to(y.dtype)
 
@@ -110,6 +123,67 @@ class LoraLinear(nn.Module):
         """fp32 ``scaling * B @ A`` ``[out, in]``: what merging adds to the base weight."""
         a, b = self.lora_A[ADAPTER_NAME].weight.float(), self.lora_B[ADAPTER_NAME].weight.float()
         return (b @ a) * self.scaling
+
+
+class _LoraMatmul(torch.autograd.Function):
+    """``y = x Wᵀ + bias + s·(d(x) Aᵀ) Bᵀ`` as one autograd node over a 4-bit ``W`` (``d``: dropout, keep mask m).
+
+    The unfused layer keeps an fp32 copy of x for A's gradient, an fp32 ``[M, out]`` LoRA output and three
+    elementwise passes over it; here the adapter rides on the base GEMM (``addmm_`` into its output) and the
+    node saves x (compute dtype), ``v = s·d(x)Aᵀ`` ``[M, r]`` and the mask (1 byte an element, only with
+    dropout) — never a float W: backward dequantizes it again, as ``nf4::matmul`` does. With ``g = ∂L/∂y``::
+
+        u = s·g B                 [M, r]
+        grad_x = g W + (u A) ⊙ m / (1 - p)
+        grad_A = uᵀ d(x)          [r, in]
+        grad_B = gᵀ v             [out, r]
+
+    Products run in x's dtype (bf16 on GPU: cuBLAS accumulates in fp32, as autocast would); the adapter
+    gradients come back in the adapters' dtype.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        q: fmt.QuantizedTensor,
+        bias: torch.Tensor | None,
+        scaling: float,
+        p: float,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
+        h = x2 if mask is None else x2 * mask / (1 - p)
+        v = (h @ a.to(x.dtype).T).mul_(scaling)
+        y = ops.matmul(x2, q, bias).addmm_(v, b.to(x.dtype).T)
+        ctx.save_for_backward(x2, v, mask, a, b)
+        ctx.q, ctx.scaling, ctx.p = q, scaling, p
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+        x2, v, mask, a, b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        a_c = a.to(g.dtype)
+        u = (g @ b.to(g.dtype)).mul_(ctx.scaling)
+        grad_x = grad_a = grad_b = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ ops.dequantize(ctx.q, g.dtype)
+            if mask is None:
+                grad_x.addmm_(u, a_c)
+            else:
+                grad_x.add_((u @ a_c) * mask, alpha=1 / (1 - ctx.p))
+            grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1])
+        if ctx.needs_input_grad[1]:
+            h = x2 if mask is None else x2 * mask / (1 - ctx.p)
+            grad_a = (u.T @ h).to(a.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = (g.T @ v).to(b.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_bias = g.sum(0)
+        return grad_x, grad_a, grad_b, None, grad_bias, None, None
 
 
 # ------------------------------------------------------------------------------------------------ attach
@@ -173,6 +247,18 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapters' parameters in a fixed order (module order): what the optimizer trains."""
     return [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+def set_fused(model: nn.Module, enabled: bool = True) -> int:
+    """Route every LoraLinear over a LinearNF4 through ``_LoraMatmul`` (or back); returns how many layers.
+
+    Same maths as the unfused path, less memory and fewer kernels: the GPU training path. Off by default so
+    that the CPU path (fp32, measured in docs/QLORA.md) stays as it is.
+    """
+    layers = [m for _, m in lora_layers(model) if isinstance(m.base_layer, LinearNF4)]
+    for m in layers:
+        m.fused = enabled
+    return len(layers)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
