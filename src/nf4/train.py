@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from nf4 import lora
+from nf4 import fused, lora
 
 DEFAULT_DATA = Path("/usr/share/common-licenses")
 IGNORE = -100  # label of tokens without loss (prompt, padding), as transformers
@@ -59,6 +59,7 @@ _FIXED_ON_RESUME = (
     "max_grad_norm",
     "adapter_dtype",
     "gradient_checkpointing",
+    "fused",
 )
 
 
@@ -91,6 +92,7 @@ class TrainArgs:
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = True
     skip_bad_lines: bool = False
+    fused: bool | None = None  # nf4.fused's fast steps: None where they pay (CUDA), True to insist, False off
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
@@ -277,6 +279,8 @@ def collate(batch: list[Example], pad_id: int, device: torch.device) -> dict[str
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropies in fp32, number of predicted tokens) of one micro-batch."""
+    if "loss" in getattr(model, "nf4_fused", ()):  # liger's fused linear cross-entropy: no logits
+        return fused.loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"], IGNORE)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
@@ -493,6 +497,10 @@ def train(
         lora.add_lora(model, args.lora_config())
     if args.gradient_checkpointing:
         lora.enable_gradient_checkpointing(model)
+    try:
+        fused.enable(model, fused.default_steps(model, args.fused))
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
     params = lora.lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     step, log, tokens = 0, [], 0
@@ -763,6 +771,8 @@ def add_arguments(sub: Any, common: Any) -> None:
     f.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT, bit-identically")
     f.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines instead of stopping")
     f.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None)
+    f.add_argument("--fused", action="store_true", default=None, help="insist on the fused GPU path (nf4.fused)")
+    f.add_argument("--no-fused", dest="fused", action="store_false", help="the plain path (default off CUDA)")
     f.add_argument("--target-modules", nargs="+", help="layer names, or all-linear (default; lm_head excluded)")
     for name, typ in [
         ("steps", int),

@@ -1,0 +1,118 @@
+"""nf4.fused: which steps run where, the CPU fallback, and liger's loss and rope against the plain path.
+
+liger's kernels are Triton GPU kernels. Under ``TRITON_INTERPRET=1`` (as ``make test`` runs) its fused linear
+cross-entropy and rope run on CPU tensors and are checked here against the plain maths; its RMSNorm and SwiGLU
+do not run in the interpreter (it passes Python floats where the kernels call ``.to``), so they are checked
+for wiring (same parameters, same keys) here and for numbers in tests/gpu/test_fused_gpu.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from nf4 import fused, lora, train
+from nf4.nn import quantize_model
+
+transformers = pytest.importorskip("transformers", reason="the fused path targets transformers' Llama")
+from test_lora import ATOL, RTOL, batch, qlora_model, tiny_llama  # noqa: E402
+
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or not fused.has_liger(),
+    reason="liger's kernels run on CPU only under TRITON_INTERPRET=1, with liger-kernel installed",
+)
+
+
+def test_cpu_defaults_to_the_plain_path_and_refuses_liger_clearly() -> None:
+    model = qlora_model()
+    assert fused.default_steps(model) == ()
+    assert fused.default_steps(model, False) == ()
+    with pytest.raises(ValueError, match="Triton GPU kernels; the model is on cpu"):
+        fused.default_steps(model, True)
+    with pytest.raises(ValueError, match=r"cannot enable \['loss'\]"):
+        fused.enable(model, ["lora", "loss"])
+    with pytest.raises(ValueError, match="unknown fused step"):
+        fused.enable(model, ["flash"])
+    assert not any(m.fused for _, m in lora.lora_layers(model))  # a refused call changes nothing
+    fused.enable(model, ["lora"])  # the LoRA-fused matmul runs anywhere
+    assert model.nf4_fused == ("lora",) and all(m.fused for _, m in lora.lora_layers(model))
+
+
+def test_train_takes_the_plain_loss_unless_the_loss_step_is_on() -> None:
+    model = qlora_model()
+    ids = batch()
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    fused.enable(model, ["lora"])
+    loss, n = train.loss_sum(model, b)
+    logits = model(ids).logits[:, :-1].flatten(0, 1)
+    want = torch.nn.functional.cross_entropy(logits, ids[:, 1:].flatten(), reduction="sum")
+    assert n == ids[:, 1:].numel()
+    torch.testing.assert_close(loss, want, atol=ATOL, rtol=RTOL)
+
+
+@needs_interpreter
+def test_fused_loss_equals_plain_loss_and_gradients() -> None:
+    plain, fast = qlora_model(), qlora_model()
+    ids = batch()
+    labels = ids.clone()
+    labels[0, :5] = train.IGNORE  # a prompt without loss
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    fast.nf4_fused = ("loss",)  # the step alone, as enable() sets it on a GPU
+    (want, n_want), (got, n_got) = train.loss_sum(plain, b), train.loss_sum(fast, b)
+    assert n_got == n_want == int((labels[:, 1:] != train.IGNORE).sum())
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    want.backward()
+    got.backward()
+    for p, q in zip(lora.lora_parameters(plain), lora.lora_parameters(fast), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=ATOL, rtol=RTOL)
+
+
+@needs_interpreter
+def test_liger_rope_takes_llama_rotary_embeddings_as_they_come() -> None:
+    from liger_kernel.transformers.functional import liger_rope
+    from transformers.models.llama import modeling_llama
+
+    config = tiny_llama().config
+    rotary = modeling_llama.LlamaRotaryEmbedding(config)
+    q, k = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16)  # GQA: 4 query heads, 2 KV heads, 9 positions
+    cos, sin = rotary(q, torch.arange(9)[None])
+    want = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    got = liger_rope(q.clone(), k.clone(), cos, sin, None, 1)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=RTOL)
+
+
+def test_fused_modules_keep_parameters_keys_and_adapters() -> None:
+    model = qlora_model()
+    before = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    adapter = lora.adapter_state_dict(model)
+    fused._replace_modules(model, norm=True, swiglu=True)
+    assert list(model.state_dict()) == keys
+    assert all(p is before[n] for n, p in model.named_parameters())  # moved, not copied
+    assert lora.adapter_state_dict(model).keys() == adapter.keys()
+    layer = model.model.layers[0]
+    assert isinstance(layer.mlp, fused.FusedSwiGLU) and isinstance(layer.mlp.gate_proj, lora.LoraLinear)
+    assert isinstance(layer.input_layernorm, fused.FusedRMSNorm) and isinstance(model.model.norm, fused.FusedRMSNorm)
+    assert layer.input_layernorm.weight.dtype == torch.float32  # add_lora's fp32 norms stay fp32
+    with pytest.raises(ValueError, match="hidden_act silu"):
+        gelu = quantize_model(tiny_llama())
+        gelu.config.hidden_act = "gelu"
+        fused._replace_modules(gelu, norm=False, swiglu=True)
+
+
+def test_rope_patch_keeps_cpu_on_the_original_and_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)  # undone after
+    model = qlora_model()
+    ids = batch()
+    with torch.no_grad():
+        want = model(ids).logits
+        fused._patch_rope()
+        patched = modeling_llama.apply_rotary_pos_emb
+        fused._patch_rope()
+        assert modeling_llama.apply_rotary_pos_emb is patched and patched._nf4_fused
+        torch.testing.assert_close(model(ids).logits, want, atol=0, rtol=0)
