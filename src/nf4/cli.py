@@ -4,6 +4,7 @@
     nf4 inspect CKPT
     nf4 generate CKPT --prompt "..." [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--adapter DIR]
     nf4 finetune [MODEL] [DATA...] --out DIR [--steps N] [--resume] [--demo]   (QLoRA; see docs/QLORA.md)
+    torchrun --nproc-per-node N -m nf4.cli finetune [MODEL] [DATA...] --out DIR --fsdp   (see docs/FSDP.md)
     nf4 merge BASE ADAPTER OUT [--dtype bf16 | --requantize]
     nf4 eval [MODEL] [--formats nf4,fp4,...] [--blocksizes 64] [--text FILE] [--json [OUT]] [--plots DIR]
 
@@ -117,6 +118,10 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
 def _finetune(args: argparse.Namespace) -> dict[str, Any]:
     from nf4 import train
 
+    if args.fsdp:
+        from nf4 import fsdp_train
+
+        return fsdp_train.run_cli(args, log=print)
     return train.run_cli(args, log=print)
 
 
@@ -130,6 +135,9 @@ def _finetune_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     from nf4.train import add_arguments
 
     add_arguments(sub, common)
+    f = sub.choices["finetune"]
+    f.add_argument("--fsdp", action="store_true", help="shard over the ranks of a torchrun job (docs/FSDP.md)")
+    f.add_argument("--fsdp-timeout", type=float, default=600.0, help="seconds a rank waits for the others (--fsdp)")
 
 
 def _print_human(command: str, result: dict[str, Any]) -> None:
