@@ -174,7 +174,8 @@ def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) 
     model_sd, optim_sd = get_state_dict(model, opt, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(folder / DISTRIBUTED))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_OPTIONS)
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen base is not in it
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     with safe_open(str(folder / f"rng-{dist.get_rank()}.safetensors"), "pt") as f:
         torch.set_rng_state(f.get_tensor("rng.cpu"))
         if "rng.cuda" in f.keys() and torch.cuda.is_available():
