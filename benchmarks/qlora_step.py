@@ -1,21 +1,37 @@
-"""QLoRA training step: nf4 against HF transformers + PEFT + bitsandbytes, same config, same run (GPU only).
+"""QLoRA training step: nf4, one fast step added at a time, against HF transformers + PEFT + bitsandbytes.
 
 The 1.1B Llama of ANCHORS.md (22 layers, hidden 2048, ffn 5632, 32 heads / 4 KV heads, vocab 32000), random bf16
-weights, batch 4 x 2048 tokens, LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, gradient checkpointing, AdamW.
-Anchor (H200, bnb 0.50.2): HF + PEFT + bnb 35.1k tokens/s, 26.7 GiB peak. Target: >= 2x the tokens/s at
-<= 0.5x the peak memory.
+weights, batch 4 x 2048 tokens, LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, gradient checkpointing, AdamW, grad
+norm clipped at 0.3. Anchor (H200, bnb 0.50.2): HF + PEFT + bnb 35.1k tokens/s, 26.7 GiB peak. Target: >= 2x the
+tokens/s at <= 0.5x the peak memory.
 
-Each variant runs in its own process (so peak memory is its own); the parent prints one JSON line per variant
-and the ratios:
+Variants, each in its own process (so that its peak memory is its own), the nf4 ones cumulative (nf4.fused.STEPS):
 
-    python benchmarks/qlora_step.py                  # both, 10 timed steps after 3 warm-up steps
-    python benchmarks/qlora_step.py --which ours --steps 20 --layers 4   # a quick look
+    hf       transformers + PEFT + bitsandbytes (prepare_model_for_kbit_training, as the QLoRA recipe)
+    plain    nf4: LinearNF4 + LoraLinear modules, HF's loss on full logits     (nf4 finetune --no-fused)
+    lora     + the LoRA-fused matmul (base and adapter one autograd node, x saved once)
+    loss     + liger's fused linear cross-entropy (no [tokens, vocab] logits)
+    kernels  + liger's RMSNorm, SwiGLU and rope                                  (nf4 finetune on CUDA)
+
+One JSON line per variant (tokens/s, step ms, peak GiB, first and last loss, and against hf: speedup and
+memory ratio), then a summary line. Every variant trains the same random model on the same tokens, so the nf4
+variants' first losses agree to bf16 rounding (hf's differs a little: its residual stream is fp32). The peak is
+``torch.cuda.max_memory_allocated`` from the first step on (model building excluded, for every variant).
+
+    PYTHONPATH=src python benchmarks/qlora_step.py                       # all five, 6 timed steps after 2
+    PYTHONPATH=src python benchmarks/qlora_step.py --variants plain,kernels --layers 4
+    PYTHONPATH=src python benchmarks/qlora_step.py --device cpu --layers 1 --batch 1 --seq 64 --steps 1 --warmup 1
+
+On CPU (a smoke test of this script) the model is fp32, peak memory is the process's peak RSS, and variants that
+cannot run there (bitsandbytes' 4-bit path, liger's GPU kernels) print a ``skipped`` line with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -24,9 +40,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+# benchmarks/kernels.py would shadow the `kernels` package, which transformers probes by importing it (an import
+# that fails there surfaces in PEFT as "Could not import module 'BloomPreTrainedModel'"): drop this folder.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import torch  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ("hf", "plain", "lora", "loss", "kernels")
+# The nf4.fused steps each nf4 variant switches on (cumulative).
+STEPS = {
+    "plain": (),
+    "lora": ("lora",),
+    "loss": ("lora", "loss"),
+    "kernels": ("lora", "loss", "norm", "swiglu", "rope"),
+}
+
+
+class Skipped(Exception):
+    """This variant cannot run on this device; the message says why."""
 
 
 def llama_config(layers: int) -> Any:
@@ -41,45 +74,48 @@ def llama_config(layers: int) -> Any:
         num_key_value_heads=4,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",
     )
 
 
-def random_model(layers: int, device: str) -> torch.nn.Module:
+def random_model(layers: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(llama_config(layers)).to(torch.bfloat16)
-    return model
+        return LlamaForCausalLM(llama_config(layers)).to(dtype)
 
 
-def build_ours(layers: int) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    from nf4 import lora
+def build_ours(variant: str, layers: int, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, list]:
+    from nf4 import fused, lora
     from nf4.nn import quantize_model
 
-    model = quantize_model(random_model(layers, "cuda"), compute_dtype=torch.bfloat16)
-    torch.cuda.empty_cache()
+    model = quantize_model(random_model(layers, device, dtype), compute_dtype=dtype)
+    if device == "cuda":
+        torch.cuda.empty_cache()
     lora.add_lora(model, lora.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
     lora.enable_gradient_checkpointing(model)
+    try:
+        fused.enable(model, STEPS[variant])
+    except ValueError as e:
+        raise Skipped(str(e)) from e
     return model, lora.lora_parameters(model)
 
 
-def build_hf(layers: int) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+def build_hf(layers: int, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, list]:
+    if device != "cuda":
+        raise Skipped("bitsandbytes' 4-bit training path (Linear4bit + PEFT) is benchmarked on CUDA only")
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     with tempfile.TemporaryDirectory() as folder:
-        random_model(layers, "cpu").save_pretrained(folder)
+        random_model(layers, "cpu", dtype).save_pretrained(folder)
         bnb = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=dtype,
         )
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0}
-        )
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=dtype, device_map={"": 0})
     model = peft.prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
@@ -88,70 +124,112 @@ def build_hf(layers: int) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def run_one(which: str, layers: int, batch: int, seq: int, steps: int, warmup: int) -> dict:
-    model, params = (build_ours if which == "ours" else build_hf)(layers)
+def peak_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_one(variant: str, layers: int, batch: int, seq: int, steps: int, warmup: int, device: str) -> dict:
+    """Build one variant and time ``steps`` training steps after ``warmup`` (median step time)."""
+    from nf4 import train
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, params = build_hf(layers, device, dtype) if variant == "hf" else build_ours(variant, layers, device, dtype)
     model.train()
     opt = torch.optim.AdamW(params, lr=2e-4)
-    ids = torch.randint(0, 32000, (batch, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
+    ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
     for i in range(warmup + steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        if variant == "hf":
+            loss = model(input_ids=ids, labels=ids).loss
+        else:  # nf4's own training step (nf4 finetune): the fused loss when its step is on
+            total, n = train.loss_sum(model, {"input_ids": ids, "attention_mask": None, "labels": ids})
+            loss = total / n
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        losses.append(loss.item())
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
     return {
-        "which": which,
+        "variant": variant,
+        "steps_on": list(getattr(model, "nf4_fused", ())),
         "layers": layers,
         "tokens_per_s": round(batch * seq / step, 1),
         "step_ms": round(step * 1e3, 2),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-        "loss": float(loss),
+        "peak_gib": round(peak_gib(device), 3),
+        "loss_first": round(losses[0], 4),
+        "loss_last": round(losses[-1], 4),
         "trainable_params": sum(p.numel() for p in params),
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
     }
+
+
+def child(variant: str, argv: list[str], timeout: float) -> dict:
+    """Run one variant in a fresh process; its last stdout line is its JSON (or an error record)."""
+    env = dict(os.environ)
+    src = str(_HERE.parent / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
+    cmd = [sys.executable, __file__, *argv, "--variants", variant]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "error": f"timed out after {timeout:.0f} s (--timeout)"}
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        return {"variant": variant, "error": out.stderr.strip()[-3000:] or f"exit code {out.returncode}"}
+    return json.loads(lines[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--which", choices=("ours", "hf", "both"), default="both")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=150, help="seconds per variant, build included")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("qlora_step.py needs a CUDA GPU (bitsandbytes' and nf4's fast paths are GPU paths)")
-    if args.which != "both":
-        print(json.dumps(run_one(args.which, args.layers, args.batch, args.seq, args.steps, args.warmup)))
+    variants = args.variants.split(",")
+    if any(v not in VARIANTS for v in variants):
+        parser.error(f"--variants: expected some of {VARIANTS}, got {variants}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA GPU here; pass --device cpu for a smoke run of this script")
+    if len(variants) == 1:
+        try:
+            result = run_one(variants[0], args.layers, args.batch, args.seq, args.steps, args.warmup, args.device)
+        except Skipped as e:
+            result = {"variant": variants[0], "skipped": str(e)}
+        print(json.dumps(result))
         return
+    argv = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("variants", "timeout")]
     results = {}
-    for which in ("hf", "ours"):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--which", which]  # the last --which wins
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
-        if out.returncode != 0:
-            sys.exit(f"{which} failed:\n{out.stderr[-4000:]}")
-        results[which] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(json.dumps(results[which]))
-    hf, ours = results["hf"], results["ours"]
-    print(
-        json.dumps(
-            {
-                "speedup": round(ours["tokens_per_s"] / hf["tokens_per_s"], 3),
-                "memory_ratio": round(ours["peak_gib"] / hf["peak_gib"], 3),
-                "target": "speedup >= 2.0 and memory_ratio <= 0.5",
-            }
-        )
-    )
+    for variant in variants:
+        results[variant] = r = child(variant, argv, args.timeout)
+        hf = results.get("hf", {})
+        if "tokens_per_s" in r and "tokens_per_s" in hf and variant != "hf":
+            r["speedup_vs_hf"] = round(r["tokens_per_s"] / hf["tokens_per_s"], 3)
+            r["memory_vs_hf"] = round(r["peak_gib"] / hf["peak_gib"], 3)
+        print(json.dumps(r), flush=True)
+    done = [v for v in variants if "tokens_per_s" in results[v]]
+    best = max((v for v in done if v != "hf"), key=lambda v: results[v]["tokens_per_s"], default=None)
+    summary: dict[str, Any] = {"summary": {v: results[v]["tokens_per_s"] for v in done}, "best": best}
+    if best and "speedup_vs_hf" in results[best]:
+        r = results[best]
+        summary["target_met"] = r["speedup_vs_hf"] >= 2.0 and r["memory_vs_hf"] <= 0.5
+    summary["target"] = "speedup_vs_hf >= 2.0 and memory_vs_hf <= 0.5"
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
