@@ -160,7 +160,7 @@ class FusedSwiGLU(nn.Module):
 
 def _replace_modules(model: nn.Module, norm: bool, swiglu: bool) -> None:
     """Swap Llama's RMSNorm and MLP modules for the fused ones, in place (the parameters move, not copied)."""
-    act = getattr(model.config, "hidden_act", None)
+    act = getattr(getattr(model, "config", None), "hidden_act", None)
     if swiglu and act not in ("silu", "swish"):
         raise ValueError(f"the fused SwiGLU needs hidden_act silu, the model has {act!r}")
     for name, m in list(model.named_modules()):
