@@ -184,10 +184,13 @@ def test_fsdp_finetune_matches_one_process_and_resumes(
     model, data = tiny
     assert main(["finetune", str(model), str(data), "--out", str(tmp_path / "one"), "--steps", "4", *TINY]) == 0
     one = _json_line(capsys.readouterr().out)
-    cli = ["-m", "nf4.cli", "--", "finetune", str(model), str(data), "--out", str(tmp_path / "two"), *TINY, "--fsdp"]
-    first = _torchrun([*cli, "--steps", "2"])
+    # The resumed half reads the model as nf4 quantize wrote it (the same bytes): both loaders, rows from each.
+    assert main(["quantize", str(model), str(tmp_path / "nf4"), "--json"]) == 0
+    capsys.readouterr()
+    cli = ["-m", "nf4.cli", "--", "finetune", "MODEL", str(data), "--out", str(tmp_path / "two"), *TINY, "--fsdp"]
+    first = _torchrun(cli[:4] + [str(model)] + cli[5:] + ["--steps", "2"])
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = _torchrun([*cli, "--steps", "4", "--resume"])  # DCP state + per-rank RNG from checkpoint-2
+    resumed = _torchrun(cli[:4] + [str(tmp_path / "nf4")] + cli[5:] + ["--steps", "4", "--resume"])  # DCP + RNG
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     two = _json_line(resumed.stdout)
     # the same global batch split over 2 ranks: the same losses up to float summation order

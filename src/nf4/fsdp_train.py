@@ -328,7 +328,7 @@ def finetune(
         if max_len is not None and args.seq_len > max_len:
             raise TrainingError(f"--seq-len {args.seq_len} is above the model's maximum of {max_len} positions")
         memory = memory_report(model)
-        for row in memory:
+        for row in memory if dist.get_rank() == 0 else []:
             share = row["base_bytes"] / max(row["whole_base_bytes"], 1)
             log(
                 f"rank {row['rank']}/{world}: 4-bit base {row['base_bytes'] / 2**20:.1f} MiB of "
