@@ -27,12 +27,17 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
+# This folder holds a kernels.py, which would shadow the `kernels` package that transformers probes: drop it.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 
 def make_model(args: argparse.Namespace) -> None:
