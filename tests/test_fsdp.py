@@ -89,24 +89,25 @@ from torch.distributed.fsdp import fully_shard
 from nf4 import fsdp
 from nf4.nn import LinearNF4
 
-rank, world, _ = fsdp.init_distributed(60)
+rank, world, dev = fsdp.init_distributed(60)
 torch.manual_seed(0)  # the same layers on every rank
 shapes = [(128, 64), (33, 64), (3, 16384), (256, 128), (64, 128)]
-model = nn.Sequential(*[LinearNF4.from_linear(nn.Linear(i, o)) for o, i in shapes])
+model = nn.Sequential(*[LinearNF4.from_linear(nn.Linear(i, o)) for o, i in shapes]).to(dev)
 # bitsandbytes #1945: bytes that spell non-canonical bf16 NaNs (0x7FC1, 0xFFC1 little-endian) must survive
 nan = model[4].weight
 nan.view(-1, 2)[:, 0], nan.view(-1, 2)[:, 1] = 0xC1, torch.tensor([0x7F, 0xFF]).repeat(nan.shape[0] // 4)
 originals = [m.qweight for m in model]
-reference = [m(torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(i))) for i, m in enumerate(model)]
+x = [torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(i)).to(dev) for i, m in enumerate(model)]
+reference = [m(xi) for m, xi in zip(model, x)]
 fsdp.shard_linears(model, world)
 for m in model:
-    fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+    fully_shard(m, mesh=init_device_mesh(dev.type, (world,)))
 report = []
 for i, (m, q) in enumerate(zip(model, originals)):
     local = fsdp.local_tensor(m.weight)
     m.unshard()
     g = m.weight.quantized()
-    y = m(torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(i)))
+    y = m(x[i])
     report.append({
         "shape": list(q.shape), "local_rows": local.rows, "dq": g.double_quant,
         "data": torch.equal(g.data, q.data), "absmax_fp32": torch.equal(g.absmax_fp32(), q.absmax_fp32()),
