@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._library.triton import set_wrap_triton_enabled
 
 from nf4 import format
 from nf4.format import NESTED_BLOCKSIZE, FormatError, QuantizedTensor
@@ -102,8 +103,7 @@ def _quantize_op(
     return q.data, q.absmax, q.nested_absmax, torch.tensor(q.nested_offset, dtype=torch.float32)
 
 
-@_op("nf4::matmul", mutates_args=())
-def _matmul_op(
+def _matmul_impl(
     x: torch.Tensor,
     data: torch.Tensor,
     absmax: torch.Tensor,
@@ -126,6 +126,9 @@ def _matmul_op(
         w = _dequantize_torch(*qargs[:-2], out_features * k, x.dtype).view(out_features, k)
         out = F.linear(x2, w, bias)
     return out.view(*x.shape[:-1], out_features)
+
+
+_matmul_op = _op("nf4::matmul", mutates_args=())(_matmul_impl)
 
 
 if not HAS_TRITON:  # custom_op needs its fake implementation named; the torch path is traceable
@@ -152,10 +155,21 @@ _matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup_conte
 # ------------------------------------------------------------------------------------ public wrappers
 
 
-def _eager_cpu(t: torch.Tensor) -> bool:
-    """Eager code off the GPU: format.py's chunked (and, for large tensors, fused) path beats the op's
-    single-pass traceable one, and skips the op dispatch, which costs more than a small layer's matmul."""
-    return not _on_gpu(t) and not torch.compiler.is_compiling()
+def _eager() -> bool:
+    """Not under torch.compile: call the kernels (or format.py on CPU) without the op dispatch.
+
+    Dispatch through a custom op costs more than the work at these sizes: on an H200 host, 130-190 us of Python
+    per nf4::dequantize / nf4::matmul call against a 7 us dequantize kernel, which left a QLoRA step waiting on
+    the CPU; on CPU, format.py's chunked path also beats the op's single traceable pass.
+    """
+    return not torch.compiler.is_compiling()
+
+
+def _dequantize_eager(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    if _on_gpu(q.data):
+        with set_wrap_triton_enabled(False):  # plain tensors: launch the kernel, not the tracing wrapper
+            return _kdequantize.dequantize(*_qargs(q), q.numel(), dtype).view(q.shape)
+    return format.dequantize(q, dtype)
 
 
 def _qargs(q: QuantizedTensor) -> tuple:
@@ -171,8 +185,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     dtype = q.dtype if dtype is None else dtype
     if dtype not in format.FLOAT_DTYPES:
         raise FormatError(f"cannot dequantize to {dtype}; expected float32, float16 or bfloat16")
-    if _eager_cpu(q.data):
-        return format.dequantize(q, dtype)
+    if _eager():
+        return _dequantize_eager(q, dtype)
     return torch.ops.nf4.dequantize(*_qargs(q), list(q.shape), dtype)
 
 
@@ -226,24 +240,28 @@ def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    if _eager_cpu(x):
+    if _eager():
         return _EagerMatmul.apply(x, q, bias)
     return torch.ops.nf4.matmul(x, *_qargs(q), n, bias)
 
 
 class _EagerMatmul(torch.autograd.Function):
-    """Eager CPU: ``x @ dequantize(W).T`` through format.dequantize. Backward dequantizes again rather than
-    saving W, so no float copy of the base outlives a call (QLoRA keeps only the 4-bit weight)."""
+    """``x @ dequantize(W).T`` outside torch.compile: the op's own kernels (or format.py on CPU), no dispatch.
+    Backward dequantizes again rather than saving W, so no float copy of the base outlives a call (QLoRA keeps
+    only the 4-bit weight)."""
 
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         ctx.q = q
+        if _on_gpu(x):
+            with set_wrap_triton_enabled(False):
+                return _matmul_impl(x, *_qargs(q), q.shape[0], bias)
         return F.linear(x, format.dequantize(q, x.dtype), bias)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-        grad_x = grad @ format.dequantize(ctx.q, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = grad @ _dequantize_eager(ctx.q, grad.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias
