@@ -5,7 +5,8 @@ weights, batch 4 x 2048 tokens, LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, grad
 norm clipped at 0.3. Anchor (H200, bnb 0.50.2): HF + PEFT + bnb 35.1k tokens/s, 26.7 GiB peak. Target: >= 2x the
 tokens/s at <= 0.5x the peak memory.
 
-Variants, each in its own process (so that its peak memory is its own), the nf4 ones cumulative (nf4.fused.STEPS):
+Variants, each in its own process (so that its peak memory is its own), the nf4 ones cumulative (nf4.fused.STEPS)
+up to ``kernels``:
 
     hf-anchor  transformers + PEFT + bitsandbytes exactly as ANCHORS.md measured it (../shared/bench/anchors_gpu.py:
              bf16 everywhere, gradient_checkpointing_enable + enable_input_require_grads)
@@ -15,13 +16,18 @@ Variants, each in its own process (so that its peak memory is its own), the nf4 
     lora     + the LoRA-fused matmul (base and adapter one autograd node, x saved once)
     loss     + liger's fused linear cross-entropy (no [tokens, vocab] logits)
     kernels  + liger's RMSNorm, SwiGLU and rope                                  (nf4 finetune on CUDA)
+    compiled          lora + loss, each decoder layer under torch.compile (the eager step is host-bound)
+    compiled-kernels  kernels + torch.compile of each decoder layer
+
+The compiled variants compile on their first warm-up step (one graph for all layers, tens of seconds), which
+is never timed; ``first_step_s`` reports it.
 
 One JSON line per variant (tokens/s, step ms, peak GiB, first and last loss, and against hf: speedup and
 memory ratio), then a summary line. Every variant trains the same random model on the same tokens, so the nf4
 variants' first losses agree to bf16 rounding (hf's differs a little: its residual stream is fp32). The peak is
 ``torch.cuda.max_memory_allocated`` from the first step on (model building excluded, for every variant).
 
-    PYTHONPATH=src python benchmarks/qlora_step.py                       # all five, 6 timed steps after 2
+    PYTHONPATH=src python benchmarks/qlora_step.py                       # all of them, 6 timed steps after 2
     PYTHONPATH=src python benchmarks/qlora_step.py --variants plain,kernels --layers 4
     PYTHONPATH=src python benchmarks/qlora_step.py --device cpu --layers 1 --batch 1 --seq 64 --steps 1 --warmup 1
 
@@ -51,7 +57,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 import torch  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("hf-anchor", "hf", "plain", "lora", "loss", "kernels")
+VARIANTS = ("hf-anchor", "hf", "plain", "lora", "loss", "kernels", "compiled", "compiled-kernels")
 BASELINES = ("hf-anchor", "hf")
 # The nf4.fused steps each nf4 variant switches on (cumulative).
 STEPS = {
@@ -59,6 +65,8 @@ STEPS = {
     "lora": ("lora",),
     "loss": ("lora", "loss"),
     "kernels": ("lora", "loss", "norm", "swiglu", "rope"),
+    "compiled": ("lora", "loss", "compile"),
+    "compiled-kernels": ("lora", "loss", "norm", "swiglu", "rope", "compile"),
 }
 
 
@@ -178,6 +186,8 @@ def run_one(
         t0 = time.perf_counter()
         one_step()
         sync()
+        if i == 0:
+            first = time.perf_counter() - t0
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     if profile:
@@ -198,6 +208,7 @@ def run_one(
         "layers": layers,
         "tokens_per_s": round(batch * seq / step, 1),
         "step_ms": round(step * 1e3, 2),
+        "first_step_s": round(first, 2),
         "peak_gib": round(peak_gib(device), 3),
         "loss_first": round(losses[0], 4),
         "loss_last": round(losses[-1], 4),
@@ -231,7 +242,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=150, help="seconds per variant, build included")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per variant, build and compile included")
     parser.add_argument("--profile", help="folder: one extra step per variant under torch.profiler, a table each")
     args = parser.parse_args()
     variants = args.variants.split(",")

@@ -116,3 +116,32 @@ def test_rope_patch_keeps_cpu_on_the_original_and_is_idempotent(monkeypatch: pyt
         fused._patch_rope()
         assert modeling_llama.apply_rotary_pos_emb is patched and patched._nf4_fused
         torch.testing.assert_close(model(ids).logits, want, atol=0, rtol=0)
+
+
+def test_compiled_layers_match_eager_with_one_graph_for_all_layers() -> None:
+    """Each layer's 4-bit offsets differ; as tensors they do not specialize the graph, so one compile serves both."""
+    plain, fast = qlora_model(), qlora_model()
+    offsets = {m.nested_offset for m in fast.modules() if type(m).__name__ == "LinearNF4"}
+    assert len(offsets) > 1
+    for model in (plain, fast):
+        lora.enable_gradient_checkpointing(model)
+        model.train()
+    fused.enable(plain, ["lora"])
+    fused.enable(fast, ["lora", "compile"])
+    assert fast.nf4_fused == ("lora", "compile")
+    ids = batch()
+    b = {"input_ids": ids, "attention_mask": None, "labels": ids}
+    losses = []
+    torch._dynamo.reset()  # forget other tests' compiled code; the counters are cleared on their own
+    torch._dynamo.utils.counters.clear()
+    try:
+        for model in (plain, fast):
+            loss, _ = train.loss_sum(model, b)
+            loss.backward()
+            losses.append(loss.detach())
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(losses[1], losses[0], atol=ATOL, rtol=RTOL)
+    for p, q in zip(lora.lora_parameters(plain), lora.lora_parameters(fast), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=ATOL, rtol=RTOL)

@@ -23,7 +23,8 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _qargs(q: format.QuantizedTensor) -> tuple:
-    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.nested_offset or 0.0, q.blocksize)
+    offset = None if q.nested_offset is None else torch.tensor(q.nested_offset, dtype=torch.float32)
+    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, q.blocksize)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])

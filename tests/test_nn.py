@@ -69,6 +69,7 @@ def test_state_dict_has_bitsandbytes_keys_and_round_trips():
     on_meta = LinearNF4(100, 30, device="meta", double_quant=False, blocksize=128)
     on_meta.load_state_dict(state, assign=True)
     assert on_meta.blocksize == 64 and on_meta.qweight.double_quant  # the checkpoint's own format
+    assert on_meta.weight_nested_offset.item() == layer.nested_offset  # the ops' copy follows the JSON value
     torch.testing.assert_close(on_meta(x), layer(x), rtol=0, atol=0)
 
 
@@ -89,6 +90,8 @@ def test_to_dtype_keeps_the_quant_state_fp32():
     after = layer.state_dict()
     assert after["bias"].dtype == torch.bfloat16
     assert all(torch.equal(before[k], after[k]) for k in before)
+    offset = layer.weight_nested_offset  # the ops' copy of the offset, fp32 like the rest of the quant state
+    assert offset.dtype == torch.float32 and offset.item() == layer.nested_offset
 
 
 def test_constructor_mirrors_nn_linear():

@@ -393,6 +393,11 @@ class ShardableLinearNF4(LinearNF4):
     def nested_offset(self) -> float | None:
         return self._meta().nested_offset
 
+    @property
+    def weight_nested_offset(self) -> None:
+        """No device copy of the offset: the meta's float changes on load and copy_, so the ops copy it per call."""
+        return None
+
     def _meta(self) -> _Meta:
         w = self.weight
         return (w._local_tensor if hasattr(w, "_local_tensor") else w).meta

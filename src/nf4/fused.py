@@ -10,6 +10,12 @@ Each step is switched on separately, so the benchmark can add them one at a time
 - ``norm``, ``swiglu``, ``rope``: Llama's RMSNorm, ``down(silu(gate(x)) * up(x))`` and rotary embedding as one
   Triton kernel each way, instead of 4-8 elementwise kernels. The replaced modules keep their children and
   parameter names, so state dicts and adapter keys do not change.
+- ``compile``: ``torch.compile`` each decoder layer (``model.get_decoder().layers``). The eager step of a 1.1B
+  Llama is host-bound: on an H200, ~300 ms of Python a step against ~134 ms of GPU work, ~150 us of host time per
+  nf4 matmul or Triton launch. A compiled layer runs as one graph call. Every layer has the same code and shapes,
+  and the 4-bit weights' offsets reach the ops as tensors (``LinearNF4.weight_nested_offset``), so one compile
+  serves all layers; it still costs tens of seconds on the first step. Any device; not a default until measured
+  (benchmarks/qlora_step.py, variants ``compiled`` and ``compiled-kernels``).
 
 The liger steps need CUDA and the ``liger-kernel`` package (``pip install nf4[triton]``); liger's Triton kernels
 do not run on CPU (under ``TRITON_INTERPRET=1`` its loss and rope do, its norm and SwiGLU do not), so on CPU
@@ -31,8 +37,8 @@ from torch import nn
 
 from nf4 import lora
 
-STEPS = ("lora", "loss", "norm", "swiglu", "rope")
-LIGER_STEPS = STEPS[1:]
+STEPS = ("lora", "loss", "norm", "swiglu", "rope", "compile")
+LIGER_STEPS = ("loss", "norm", "swiglu", "rope")
 _MODEL_TYPES = ("llama",)  # where the liger steps are checked to be the same maths (SmolLM2 is a Llama)
 
 
@@ -61,8 +67,9 @@ def _liger_problem(model: nn.Module) -> str | None:
 def default_steps(model: nn.Module, requested: bool | None = None) -> tuple[str, ...]:
     """The steps for ``nf4 finetune --fused`` (True), ``--no-fused`` (False) or neither (None).
 
-    None picks every step that pays on the model's device: all of them on CUDA with liger installed, ``lora``
-    alone on CUDA without it, none on CPU (whose plain path is the measured one in docs/QLORA.md).
+    None picks every step that pays on the model's device: ``lora`` and the liger steps on CUDA with liger
+    installed, ``lora`` alone on CUDA without it, none on CPU (whose plain path is the measured one in
+    docs/QLORA.md). ``compile`` is never a default: its gain is not measured yet.
 
     Raises:
         ValueError: ``requested`` is True and the liger steps cannot run (the message says why).
@@ -73,7 +80,7 @@ def default_steps(model: nn.Module, requested: bool | None = None) -> tuple[str,
     if requested and problem:
         raise ValueError(f"--fused: {problem}")
     if problem is None:
-        return STEPS
+        return ("lora", *LIGER_STEPS)
     return ("lora",) if _device(model).type == "cuda" else ()
 
 
@@ -95,6 +102,9 @@ def enable(model: nn.Module, steps: Iterable[str] | None = None) -> nn.Module:
     _replace_modules(model, norm="norm" in steps, swiglu="swiglu" in steps)
     if "rope" in steps:
         _patch_rope()
+    if "compile" in steps:
+        for layer in model.get_decoder().layers:
+            layer.compile()
     model.nf4_fused = tuple(s for s in STEPS if s in steps or s in getattr(model, "nf4_fused", ()))
     return model
 

@@ -113,7 +113,8 @@ class LoraLinear(nn.Module):
             bias = None if base.bias is None else base.bias.to(dtype)
             drop = self.lora_dropout[ADAPTER_NAME]
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-            y = _LoraMatmul.apply(x.to(dtype), a.weight, b.weight, base.qweight, bias, self.scaling, p)
+            q, offset = base.qweight, base.weight_nested_offset
+            y = _LoraMatmul.apply(x.to(dtype), a.weight, b.weight, q, offset, bias, self.scaling, p)
             return y.to(x.dtype)
         y = self.base_layer(x)
         h = self.lora_dropout[ADAPTER_NAME](x.to(a.weight.dtype))
@@ -149,6 +150,7 @@ class _LoraMatmul(torch.autograd.Function):
         a: torch.Tensor,
         b: torch.Tensor,
         q: fmt.QuantizedTensor,
+        offset: torch.Tensor | None,
         bias: torch.Tensor | None,
         scaling: float,
         p: float,
@@ -157,9 +159,9 @@ class _LoraMatmul(torch.autograd.Function):
         mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
         h = x2 if mask is None else x2 * mask / (1 - p)
         v = (h @ a.to(x.dtype).T).mul_(scaling)
-        y = ops.matmul(x2, q, bias).addmm_(v, b.to(x.dtype).T)
+        y = ops.matmul(x2, q, bias, offset).addmm_(v, b.to(x.dtype).T)
         ctx.save_for_backward(x2, v, mask, a, b)
-        ctx.q, ctx.scaling, ctx.p = q, scaling, p
+        ctx.q, ctx.offset, ctx.scaling, ctx.p = q, offset, scaling, p
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -170,7 +172,7 @@ class _LoraMatmul(torch.autograd.Function):
         u = (g @ b.to(g.dtype)).mul_(ctx.scaling)
         grad_x = grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ ops.dequantize(ctx.q, g.dtype)
+            grad_x = g @ ops.dequantize(ctx.q, g.dtype, ctx.offset)
             if mask is None:
                 grad_x.addmm_(u, a_c)
             else:
@@ -181,9 +183,9 @@ class _LoraMatmul(torch.autograd.Function):
             grad_a = (u.T @ h).to(a.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = (g.T @ v).to(b.dtype)
-        if ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[5]:
             grad_bias = g.sum(0)
-        return grad_x, grad_a, grad_b, None, grad_bias, None, None
+        return grad_x, grad_a, grad_b, None, None, grad_bias, None, None
 
 
 # ------------------------------------------------------------------------------------------------ attach

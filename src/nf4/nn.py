@@ -9,6 +9,10 @@ and ``load_state_dict()`` work as for any module. On disk the keys are transform
     weight.nested_absmax, .nested_quant_map  fp32 (double quant only)
     weight.quant_state.bitsandbytes__nf4     uint8 JSON: quant_type, blocksize, dtype, shape, nested_offset
     bias                                     as in nn.Linear
+
+The double-quant offset is also kept as a 0-d fp32 buffer, ``weight_nested_offset`` (non-persistent: the JSON holds
+it on disk), which the ops read on the device: no copy per call, and torch.compile makes one graph for all layers
+instead of one per offset value.
 """
 
 from __future__ import annotations
@@ -157,11 +161,14 @@ class LinearNF4(nn.Module):
             self.register_buffer(f"weight_{field}", getattr(q, field), persistent=False)
         self.quant_type, self.blocksize, self.weight_dtype = q.quant_type, q.blocksize, q.dtype
         self.nested_offset = q.nested_offset
+        dq = q.nested_offset is not None
+        offset = torch.tensor(q.nested_offset, dtype=torch.float32, device=q.device) if dq else None
+        self.register_buffer("weight_nested_offset", offset, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute_dtype = self.compute_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
         bias = None if self.bias is None else self.bias.to(compute_dtype)
-        return ops.matmul(x.to(compute_dtype), self.qweight, bias).to(x.dtype)
+        return ops.matmul(x.to(compute_dtype), self.qweight, bias, self.weight_nested_offset).to(x.dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LinearNF4:
         # Module.to(dtype) and .half() cast every floating buffer, but the quant state must stay fp32 (casting

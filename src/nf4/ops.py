@@ -5,6 +5,11 @@ Each op has one implementation function: Triton kernels on CUDA tensors, the vec
 implementation and ``torch.compile(fullgraph=True)`` sees through it (on CPU, into plain torch ops).
 ``nf4::matmul`` is differentiable in its input: grad_x = grad_out @ W, W dequantized in grad_out's dtype.
 
+The double-quant offset enters the ops as a 0-d fp32 tensor on the weight's device, not as the Python float of
+``QuantizedTensor.nested_offset``: torch.compile specializes a graph on each float argument, so a float would
+compile every layer of a model anew; as a tensor, one graph serves them all. ``LinearNF4`` holds it as a buffer
+(``weight_nested_offset``) and passes it in; for a bare QuantizedTensor it is copied to the device per call.
+
 Example:
     >>> q = nf4.ops.quantize(torch.randn(256, 128, device="cuda"))
     >>> y = nf4.ops.matmul(torch.randn(4, 128, device="cuda"), q)   # [4, 256]
@@ -46,7 +51,7 @@ def _dequantize_torch(
     quant_map: torch.Tensor,
     nested_absmax: torch.Tensor | None,
     nested_quant_map: torch.Tensor | None,
-    nested_offset: float,
+    nested_offset: torch.Tensor | None,
     blocksize: int,
     numel: int,
     dtype: torch.dtype,
@@ -72,7 +77,7 @@ def _dequantize_op(
     quant_map: torch.Tensor,
     nested_absmax: torch.Tensor | None,
     nested_quant_map: torch.Tensor | None,
-    nested_offset: float,
+    nested_offset: torch.Tensor | None,
     blocksize: int,
     shape: list[int],
     dtype: torch.dtype,
@@ -110,7 +115,7 @@ def _matmul_impl(
     quant_map: torch.Tensor,
     nested_absmax: torch.Tensor | None,
     nested_quant_map: torch.Tensor | None,
-    nested_offset: float,
+    nested_offset: torch.Tensor | None,
     blocksize: int,
     out_features: int,
     bias: torch.Tensor | None,
@@ -138,14 +143,14 @@ if not HAS_TRITON:  # custom_op needs its fake implementation named; the torch p
 
 def _matmul_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
     x, data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, out_features, _ = inputs
-    ctx.save_for_backward(data, absmax, quant_map, nested_absmax, nested_quant_map)
-    ctx.qmeta = (nested_offset, blocksize, [out_features, x.shape[-1]])
+    ctx.save_for_backward(data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset)
+    ctx.qmeta = (blocksize, [out_features, x.shape[-1]])
 
 
 def _matmul_backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
     # grad_x = grad_out @ W: W dequantized at copy speed into grad's dtype, then cuBLAS (the training shapes)
-    nested_offset, blocksize, shape = ctx.qmeta
-    w = torch.ops.nf4.dequantize(*ctx.saved_tensors, nested_offset, blocksize, shape, grad.dtype)
+    blocksize, shape = ctx.qmeta
+    w = torch.ops.nf4.dequantize(*ctx.saved_tensors, blocksize, shape, grad.dtype)
     return (grad @ w,) + (None,) * 9
 
 
@@ -165,19 +170,33 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _dequantize_eager(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_eager(q: QuantizedTensor, dtype: torch.dtype, offset: torch.Tensor | None) -> torch.Tensor:
     if _on_gpu(q.data):
         with set_wrap_triton_enabled(False):  # plain tensors: launch the kernel, not the tracing wrapper
-            return _kdequantize.dequantize(*_qargs(q), q.numel(), dtype).view(q.shape)
+            return _kdequantize.dequantize(*_qargs(q, offset), q.numel(), dtype).view(q.shape)
     return format.dequantize(q, dtype)
 
 
-def _qargs(q: QuantizedTensor) -> tuple:
-    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.nested_offset or 0.0, q.blocksize)
+def _offset(q: QuantizedTensor, offset: torch.Tensor | None) -> torch.Tensor | None:
+    """q's double-quant offset as the ops take it: ``offset`` when the caller holds it as a tensor, else made from
+    q.nested_offset (one host->device copy; under torch.compile, a graph specialized on its value)."""
+    if q.nested_absmax is None:
+        return None
+    return offset if offset is not None else torch.tensor(q.nested_offset, dtype=torch.float32, device=q.device)
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _qargs(q: QuantizedTensor, offset: torch.Tensor | None) -> tuple:
+    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, _offset(q, offset), q.blocksize)
+
+
+def dequantize(
+    q: QuantizedTensor, dtype: torch.dtype | None = None, offset: torch.Tensor | None = None
+) -> torch.Tensor:
     """Decode ``q`` to its shape in ``dtype`` (default: its original dtype); equal to ``nf4.dequantize``.
+
+    Args:
+        offset: ``q.nested_offset`` as a 0-d fp32 tensor on q's device, if the caller keeps one
+            (``LinearNF4.weight_nested_offset``): no copy per call, one compiled graph for every weight.
 
     Example:
         >>> w = nf4.ops.dequantize(q, torch.bfloat16)
@@ -186,8 +205,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     if dtype not in format.FLOAT_DTYPES:
         raise FormatError(f"cannot dequantize to {dtype}; expected float32, float16 or bfloat16")
     if _eager():
-        return _dequantize_eager(q, dtype)
-    return torch.ops.nf4.dequantize(*_qargs(q), list(q.shape), dtype)
+        return _dequantize_eager(q, dtype, offset)
+    return torch.ops.nf4.dequantize(*_qargs(q, offset), list(q.shape), dtype)
 
 
 def quantize(
@@ -220,13 +239,16 @@ def quantize(
     )
 
 
-def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def matmul(
+    x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None, offset: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x @ dequantize(q).T + bias`` in x's dtype, without materializing W at small batch.
 
     Args:
         x: ``[..., K]`` float tensor on q's device.
         q: a 2-D quantized weight ``[N, K]``.
         bias: optional ``[N]``.
+        offset: as in ``dequantize``.
 
     Returns:
         ``[..., N]`` in x's dtype. Differentiable in x.
@@ -241,8 +263,8 @@ def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if _eager():
-        return _EagerMatmul.apply(x, q, bias)
-    return torch.ops.nf4.matmul(x, *_qargs(q), n, bias)
+        return _EagerMatmul.apply(x, q, bias, offset)
+    return torch.ops.nf4.matmul(x, *_qargs(q, offset), n, bias)
 
 
 class _EagerMatmul(torch.autograd.Function):
@@ -252,16 +274,23 @@ class _EagerMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        q: QuantizedTensor,
+        bias: torch.Tensor | None,
+        offset: torch.Tensor | None,
     ) -> torch.Tensor:
-        ctx.q = q
         if _on_gpu(x):
+            offset = _offset(q, offset)  # made once, for backward too
             with set_wrap_triton_enabled(False):
-                return _matmul_impl(x, *_qargs(q), q.shape[0], bias)
-        return F.linear(x, format.dequantize(q, x.dtype), bias)
+                out = _matmul_impl(x, *_qargs(q, offset), q.shape[0], bias)
+        else:
+            out = F.linear(x, format.dequantize(q, x.dtype), bias)
+        ctx.q, ctx.offset = q, offset
+        return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-        grad_x = grad @ _dequantize_eager(ctx.q, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = grad @ _dequantize_eager(ctx.q, grad.dtype, ctx.offset) if ctx.needs_input_grad[0] else None
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias
+        return grad_x, None, grad_bias, None

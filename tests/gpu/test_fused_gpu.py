@@ -41,10 +41,10 @@ def gpu_model() -> torch.nn.Module:
     return model.train()
 
 
-@pytest.mark.parametrize("steps", [("lora",), fused.STEPS])
+@pytest.mark.parametrize("steps", [("lora",), ("lora", *fused.LIGER_STEPS)])
 def test_fused_steps_match_plain_path(steps: tuple[str, ...]) -> None:
     plain, fast = gpu_model(), fused.enable(gpu_model(), steps)
-    assert fused.default_steps(fast) == fused.STEPS
+    assert fused.default_steps(fast) == ("lora", *fused.LIGER_STEPS)
     ids = torch.randint(0, 1000, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     labels = ids.clone()
     labels[:, :40] = train.IGNORE

@@ -50,12 +50,14 @@ def flush(x):
 # absmax of 4-bit block b (any int tensor of block indices, masked lanes read block 0):
 #   plain:        absmax[b]                                               (fp32)
 #   double quant: flush(nested_quant_map[absmax[b]] * nested_absmax[b // 256]) + offset   (two fp32 roundings)
+# The offset is read from memory (a 0-d fp32 tensor), not passed by value: a per-weight Python float would make
+# torch.compile specialize the graph on it, one compile per layer.
 @triton.jit
 def load_absmax(
     absmax_ptr,
     nested_absmax_ptr,
     nested_quant_map_ptr,
-    nested_offset,
+    nested_offset_ptr,
     b,
     mask,
     DOUBLE_QUANT: tl.constexpr,
@@ -64,7 +66,7 @@ def load_absmax(
     if DOUBLE_QUANT:
         code = tl.load(absmax_ptr + b, mask=mask, other=0).to(tl.int32)
         scale = tl.load(nested_absmax_ptr + b // 256, mask=mask, other=0.0)
-        return flush(mul_rn(tl.load(nested_quant_map_ptr + code), scale, INTERPRETED)) + nested_offset
+        return flush(mul_rn(tl.load(nested_quant_map_ptr + code), scale, INTERPRETED)) + tl.load(nested_offset_ptr)
     else:
         return tl.load(absmax_ptr + b, mask=mask, other=0.0)
 

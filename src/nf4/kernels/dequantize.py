@@ -32,7 +32,7 @@ def _dequantize_kernel(
     quant_map_ptr,
     nested_absmax_ptr,
     nested_quant_map_ptr,
-    nested_offset,
+    nested_offset_ptr,
     out_ptr,
     n,
     first_block,
@@ -57,7 +57,7 @@ def _dequantize_kernel(
         elem_mask = (blk < nblocks)[:, None]
     code = tl.load(data_ptr + byte, mask=byte_mask, other=0).to(tl.int32)
     absmax = load_absmax(
-        absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset, blk, blk < nblocks,
+        absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr, blk, blk < nblocks,
         DOUBLE_QUANT, INTERPRETED,
     )[:, None]  # fmt: skip
     hi = flush(tl.load(quant_map_ptr + (code >> 4)) * absmax)
@@ -72,7 +72,7 @@ def dequantize(
     quant_map: torch.Tensor,
     nested_absmax: torch.Tensor | None,
     nested_quant_map: torch.Tensor | None,
-    nested_offset: float,
+    nested_offset: torch.Tensor | None,
     blocksize: int,
     numel: int,
     dtype: torch.dtype,
@@ -91,7 +91,7 @@ def dequantize(
         quant_map,
         nested_absmax if double_quant else absmax,
         nested_quant_map if double_quant else quant_map,
-        nested_offset,
+        nested_offset if double_quant else absmax,
         out,
         numel,
     )

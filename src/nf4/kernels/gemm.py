@@ -21,7 +21,7 @@ def gemm(
     quant_map: torch.Tensor,
     nested_absmax: torch.Tensor | None,
     nested_quant_map: torch.Tensor | None,
-    nested_offset: float,
+    nested_offset: torch.Tensor | None,
     blocksize: int,
     n: int,
     bias: torch.Tensor | None,

@@ -34,7 +34,7 @@ def _gemv_kernel(
     quant_map_ptr,
     nested_absmax_ptr,
     nested_quant_map_ptr,
-    nested_offset,
+    nested_offset_ptr,
     bias_ptr,
     out_ptr,
     M,
@@ -70,7 +70,7 @@ def _gemv_kernel(
         byte = flat_blk[:, :, None] * HB + j[None, None, :]
         code = tl.load(data_ptr + byte, mask=b_mask[:, :, None], other=0).to(tl.int32)
         absmax = load_absmax(
-            absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset, flat_blk, b_mask,
+            absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr, flat_blk, b_mask,
             DOUBLE_QUANT, INTERPRETED,
         )[:, :, None]  # fmt: skip
         w_hi = tl.load(quant_map_ptr + (code >> 4)) * absmax
@@ -136,7 +136,7 @@ def gemv(
     quant_map: torch.Tensor,
     nested_absmax: torch.Tensor | None,
     nested_quant_map: torch.Tensor | None,
-    nested_offset: float,
+    nested_offset: torch.Tensor | None,
     blocksize: int,
     n: int,
     bias: torch.Tensor | None,
@@ -158,7 +158,7 @@ def gemv(
         quant_map,
         nested_absmax if double_quant else absmax,
         nested_quant_map if double_quant else quant_map,
-        nested_offset,
+        nested_offset if double_quant else absmax,
         bias if bias is not None else out,
         out,
         m,
