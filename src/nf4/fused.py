@@ -10,12 +10,15 @@ Each step is switched on separately, so the benchmark can add them one at a time
 - ``norm``, ``swiglu``, ``rope``: Llama's RMSNorm, ``down(silu(gate(x)) * up(x))`` and rotary embedding as one
   Triton kernel each way, instead of 4-8 elementwise kernels. The replaced modules keep their children and
   parameter names, so state dicts and adapter keys do not change.
-- ``compile``: ``torch.compile`` each decoder layer (``model.get_decoder().layers``). The eager step of a 1.1B
-  Llama is host-bound: on an H200, ~300 ms of Python a step against ~134 ms of GPU work, ~150 us of host time per
-  nf4 matmul or Triton launch. A compiled layer runs as one graph call. Every layer has the same code and shapes,
-  and the 4-bit weights' offsets reach the ops as tensors (``LinearNF4.weight_nested_offset``), so one compile
-  serves all layers; it still costs tens of seconds on the first step. Any device; not a default until measured
-  (benchmarks/qlora_step.py, variants ``compiled`` and ``compiled-kernels``).
+- ``compile``: ``torch.compile`` each decoder layer's ``forward`` (``model.get_decoder().layers``). The eager step
+  of a 1.1B Llama is host-bound: on an H200, ~300 ms of Python a step against ~134 ms of GPU work, ~150 us of host
+  time per nf4 matmul or Triton launch. A compiled layer runs as one graph call. Every layer has the same code and
+  shapes, and the 4-bit weights' offsets reach the ops as tensors (``LinearNF4.weight_nested_offset``), so one
+  compile serves all layers; it still costs tens of seconds on the first step. The forward is compiled, not the
+  module call: transformers' checkpointing wrapper stays outside the graph, so activation checkpointing still
+  discards what the graph saves (compiling the whole call measured 7.4 GiB peak instead of 2.5 on the 1.1B
+  benchmark). Any device; not a default until measured (benchmarks/qlora_step.py, variants ``compiled`` and
+  ``compiled-kernels``).
 
 The liger steps need CUDA and the ``liger-kernel`` package (``pip install nf4[triton]``); liger's Triton kernels
 do not run on CPU (under ``TRITON_INTERPRET=1`` its loss and rope do, its norm and SwiGLU do not), so on CPU
@@ -103,8 +106,8 @@ def enable(model: nn.Module, steps: Iterable[str] | None = None) -> nn.Module:
     if "rope" in steps:
         _patch_rope()
     if "compile" in steps:
-        for layer in model.get_decoder().layers:
-            layer.compile()
+        for layer in model.get_decoder().layers:  # inside the checkpoint: its recompute drops what forward saves
+            layer.forward = torch.compile(layer.forward)
     model.nf4_fused = tuple(s for s in STEPS if s in steps or s in getattr(model, "nf4_fused", ()))
     return model
 
