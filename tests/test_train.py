@@ -282,3 +282,17 @@ def test_smollm2_a_few_steps_lower_the_loss(tmp_path) -> None:
     after = loss.item() / n
     assert after < before - 0.1, (before, after)
     assert len(state["log_history"]) == 4
+
+
+def test_compile_flag_trains_compiled_layers_like_eager(tiny_model: Path, text_data: Path, tmp_path) -> None:
+    """`nf4 finetune --compile`: the decoder layers run compiled (nf4.fused "compile") and train as eager does."""
+    losses = {}
+    for compiled in (False, True):
+        model, tok = train.load_model(tiny_model)
+        examples = train.load_examples([text_data], tok, 32)
+        args = train.TrainArgs(steps=2, batch_size=2, grad_accum=1, seq_len=32, r=4, save_every=2, compile=compiled)
+        state = train.train(model, tok, examples, tmp_path / f"out-{compiled}", args)
+        assert ("compile" in model.nf4_fused) == compiled
+        losses[compiled] = [e["loss"] for e in state["log_history"] if "loss" in e]
+    torch._dynamo.reset()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
