@@ -31,7 +31,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from nf4 import cpu
 from nf4.format import FormatError, QuantizedTensor, quantize
 from nf4.nn import LinearNF4, _matches
 from nf4.search import quantize_search
@@ -399,8 +398,6 @@ def _quantize(tensor: torch.Tensor, quant_type: str, blocksize: int, double_quan
     """nf4-search keeps NF4's bytes with searched scales (nf4.search), so it saves as a plain nf4 checkpoint."""
     if quant_type == "nf4-search":
         return quantize_search(tensor, blocksize, double_quant)
-    if cpu.usable(tensor):
-        cpu.precompile(tensor.dtype, quant_type)
     return quantize(tensor, quant_type, blocksize, double_quant)
 
 

@@ -10,17 +10,14 @@ it off. The first call per (dtype, quant_type) compiles (~10-30 s; Inductor cach
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-from nf4 import codebook, native
+from nf4 import codebook
 from nf4 import format as fmt
 
 MIN_ELEMENTS = 1 << 18
@@ -145,33 +142,3 @@ def disable(err: Exception) -> None:
     warnings.warn(f"nf4: fused CPU path unavailable ({type(err).__name__}: {err}); using the eager path", stacklevel=3)
     os.environ["NF4_NO_COMPILE"] = "1"
     available.cache_clear()
-
-
-@functools.cache
-def precompile(dtype: torch.dtype, quant_type: str) -> None:
-    """Compile quantize's fused kernels for (dtype, quant_type) in a child process, once per machine.
-
-    Compiling in-process added 260-330 MiB to the peak RSS of a process quantizing SmolLM2 from GGUF (Inductor's
-    codegen, on the first run on a machine: 1102-1178 MiB against 834-888 MiB with a warm cache). The child fills
-    Inductor's disk cache and this process loads the result. A marker in nf4's cache skips the child afterwards;
-    if the child fails, this process simply compiles by itself, as before.
-    """
-    if not available():
-        return
-    sources = Path(__file__).read_bytes() + Path(fmt.__file__).read_bytes()
-    key = hashlib.sha256(f"{torch.__version__} {dtype} {quant_type}".encode() + sources).hexdigest()[:16]
-    marker = native.cache_dir() / f"inductor-{key}.done"
-    if marker.exists():
-        return
-    # Large enough that the double quantization's 8-bit encode takes the fused path too.
-    code = (
-        f"import torch, nf4; x = torch.randn({MIN_ELEMENTS * 64}).to({dtype}); "
-        f"nf4.quantize(x, {quant_type!r}, 64, double_quant=True)"
-    )
-    try:
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired):
-        return
-    if run.returncode == 0:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
