@@ -342,26 +342,10 @@ def finetune(
 
 def run_cli(ns: Any, log: Callable[[str], None]) -> dict[str, Any]:
     """``nf4 finetune --fsdp``: the flags of ``nf4 finetune`` over TrainArgs, then ``finetune`` on this rank."""
-    import dataclasses
-
     if ns.demo:
         raise TrainingError("--demo runs in one process; it takes no --fsdp")
-    base = TrainArgs()
-    overrides = {k: getattr(ns, k) for k in asdict(base) if getattr(ns, k, None) is not None}
-    if ns.target_modules:
-        overrides["target_modules"] = "all-linear" if ns.target_modules == ["all-linear"] else ns.target_modules
-    if ns.skip_bad_lines:
-        overrides["skip_bad_lines"] = True
-    args = dataclasses.replace(base, **overrides)
+    args = qlora.args_from_cli(ns, TrainArgs())
     model, data = qlora._split_paths(ns.paths)
     quiet = (lambda s: None) if ns.json else log
     state = finetune(model, data or None, ns.out, args, ns.resume, not ns.json, quiet, ns.fsdp_timeout)
-    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
-    msg = f"step {state['global_step']}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; wrote the adapter to {ns.out}"
-    return {
-        "out": str(ns.out),
-        "global_step": state["global_step"],
-        "losses": losses,
-        "memory": state["memory"],
-        "message": msg,
-    }
+    return qlora.cli_summary(ns, state) | {"memory": state["memory"]}

@@ -820,17 +820,30 @@ def _split_paths(paths: list[str]) -> tuple[str | None, list[str]]:
     return None, paths
 
 
-def run_cli(ns: Any, log: Callable[[str], None]) -> dict[str, Any]:
-    """``nf4 finetune``: settings from the flags over TrainArgs (or the demo's), then ``finetune`` or ``demo``."""
+def args_from_cli(ns: Any, base: TrainArgs) -> TrainArgs:
+    """``nf4 finetune``'s flags over ``base``: the flags given win (shared by the one-process and --fsdp paths)."""
     import dataclasses
 
-    base = dataclasses.replace(DEMO_ARGS) if ns.demo else TrainArgs()
     overrides = {k: getattr(ns, k) for k in asdict(base) if getattr(ns, k, None) is not None}
     if ns.target_modules:
         overrides["target_modules"] = "all-linear" if ns.target_modules == ["all-linear"] else ns.target_modules
     if ns.skip_bad_lines:
         overrides["skip_bad_lines"] = True
-    args = dataclasses.replace(base, **overrides)
+    return dataclasses.replace(base, **overrides)
+
+
+def cli_summary(ns: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """The JSON ``nf4 finetune`` prints: the loss history and where the adapter went."""
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    msg = f"step {state['global_step']}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; wrote the adapter to {ns.out}"
+    return {"out": str(ns.out), "global_step": state["global_step"], "losses": losses, "message": msg}
+
+
+def run_cli(ns: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    """``nf4 finetune``: settings from the flags over TrainArgs (or the demo's), then ``finetune`` or ``demo``."""
+    import dataclasses
+
+    args = args_from_cli(ns, dataclasses.replace(DEMO_ARGS) if ns.demo else TrainArgs())
     if ns.demo:
         if ns.paths or ns.resume:
             raise TrainingError("--demo uses the embedded model and data; it takes no MODEL, DATA or --resume")
@@ -838,9 +851,7 @@ def run_cli(ns: Any, log: Callable[[str], None]) -> dict[str, Any]:
         return result | {"message": f"wrote the adapter to {ns.out}"}
     model, data = _split_paths(ns.paths)
     state = finetune(model, data or None, ns.out, args, resume=ns.resume, progress=not ns.json)
-    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
-    msg = f"step {state['global_step']}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; wrote the adapter to {ns.out}"
-    return {"out": str(ns.out), "global_step": state["global_step"], "losses": losses, "message": msg}
+    return cli_summary(ns, state)
 
 
 def merge_cli(ns: Any) -> dict[str, Any]:
