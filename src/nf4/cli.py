@@ -15,7 +15,9 @@ with status 1 and one line on stderr; nothing is written to OUT.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import platform
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -196,9 +198,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# glibc's mallopt parameter for the size from which malloc maps memory instead of taking it from the heap.
+_M_MMAP_THRESHOLD = -3
+
+
+def _return_freed_tensors_to_the_os() -> None:
+    """Give every CPU tensor of 128 KiB or more its own mapping, so freeing it returns the memory at once.
+
+    glibc raises its mmap threshold to the size of each mapped block freed (up to 32 MiB), after which tensors of a
+    few MiB (a layer's float weight, freed once quantized) come from the heap and stay resident when freed; how much
+    stays depends on the order of frees across threads. Measured on ``nf4 quantize`` of the embedded SmolLM2: peak
+    RSS 932-1122 MiB in some runs and ~850 in others, 824-834 MiB in every run with the threshold pinned, at the
+    same speed. A fixed threshold also stops the raising. The command owns its process, so it sets this; the library
+    does not.
+    """
+    if platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 128 << 10)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nf4`` script; returns the exit status."""
     args = _parser().parse_args(argv)
+    _return_freed_tensors_to_the_os()
     run = {"quantize": _quantize, "inspect": _inspect, "generate": _generate, "finetune": _finetune, "merge": _merge}
     run = (run | {"eval": evaluate.run_cli})[args.command]
     try:
