@@ -112,4 +112,3 @@ def widest_gap(quant_type: str) -> float:
     """Largest distance between adjacent levels: the worst-case rounding error is half of it (× absmax)."""
     lv = sorted(set(CODEBOOKS[quant_type]))
     return max(b - a for a, b in zip(lv, lv[1:], strict=False))
-
