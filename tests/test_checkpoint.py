@@ -329,6 +329,40 @@ def test_bad_sources_are_named(tmp_path, setup, message):
         nf4.from_pretrained(setup(tmp_path))
 
 
+def test_gguf_config_and_tokenizer_are_converted_once_and_equal_transformers_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("NF4_CACHE_DIR", str(tmp_path))
+    path = checkpoint.default_gguf()
+    config, tokenizer = checkpoint.gguf_config(path), nf4.load_tokenizer(path)
+    (folder,) = (tmp_path / "gguf").iterdir()
+    assert sorted(f.name for f in folder.iterdir()) == [
+        "chat_template.jinja",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    theirs = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    assert config.to_dict() == theirs.to_dict()
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text, chat = GPL3.read_text(), [{"role": "user", "content": PROMPT}]
+    assert tokenizer(text).input_ids == their_tokenizer(text).input_ids
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == their_tokenizer.apply_chat_template(
+        chat, tokenize=False
+    )
+
+    def no_gguf_parsing(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "the GGUF metadata was parsed again"
+        return original(*args, **kwargs)
+
+    original = transformers.AutoConfig.from_pretrained
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_gguf_parsing)
+    assert checkpoint.gguf_config(path).to_dict() == theirs.to_dict()
+    # Another file (here: a copy of the same bytes) is converted again, into its own folder.
+    copy = shutil.copy(path, tmp_path / "copy.gguf")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", original)
+    checkpoint.gguf_config(copy)
+    assert len(list((tmp_path / "gguf").iterdir())) == 2
+
+
 def test_folder_with_garbage_safetensors_or_only_pickles(tmp_path):
     shutil.copy(_minilm_dir() / "config.json", tmp_path / "config.json")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02" + b"\0" * 64)

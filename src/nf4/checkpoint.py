@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nf4.format import FormatError, QuantizedTensor, quantize
+from nf4.native import cache_dir
 from nf4.nn import LinearNF4, _matches
 from nf4.search import quantize_search
 
@@ -254,6 +255,51 @@ class _GGUFSource:
             # [heads, 2, half, in] (llama.cpp) -> [heads, half, 2, in]: interleaved pairs back to halves
             w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
         return w
+
+
+def _gguf_hf_folder(path: Path) -> Path:
+    """A folder with the config and tokenizer files of a GGUF file, as transformers converts them, made once.
+
+    transformers parses the whole GGUF metadata (49k tokenizer strings and merges for SmolLM2) with gguf's reader
+    for the config and again for the tokenizer: ~7 s each on this project's 2-core machine, every run. The converted
+    files are kept in nf4's cache, keyed by the file (path, size, mtime) and the transformers version, written to a
+    temporary folder and renamed, so a reader sees none or all of them.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    stat = path.stat()
+    ident = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}"
+    folder = cache_dir() / "gguf" / hashlib.sha256(ident.encode()).hexdigest()[:24]
+    if (folder / "config.json").is_file():
+        return folder
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a GGUF file ({e})") from e
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tokenizer.save_pretrained(tmp)
+        config.save_pretrained(tmp)  # last: config.json marks a whole folder
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process (a torchrun rank) made it first: theirs is the same
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def gguf_config(path: Path) -> Any:
+    """The transformers config of a GGUF file (through ``_gguf_hf_folder``)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(_gguf_hf_folder(path))
+    config._name_or_path = str(path.parent)  # as transformers' own GGUF loading names it
+    return config
 
 
 def _gguf_arch(reader: Any, path: Path) -> str:
@@ -497,10 +543,8 @@ def _load_model(
     else:
         from gguf import GGUFReader
 
-        # transformers parses the config with its own reader: let it go before ours (each holds ~150 MiB of
-        # tokenizer metadata for SmolLM2), or the two would add up at the peak.
+        config = gguf_config(path)
         try:
-            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
             reader = GGUFReader(path)
         except (ValueError, OSError) as e:
             raise CheckpointError(f"{path}: not a GGUF file ({e})") from e
@@ -528,9 +572,9 @@ def load_tokenizer(src: str | os.PathLike | None = None) -> Any:
     from transformers import AutoTokenizer
 
     path = _resolve(src)
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path if path.is_dir() else _gguf_hf_folder(path))
+    tokenizer.name_or_path = str(path if path.is_dir() else path.parent)
+    return tokenizer
 
 
 def has_tokenizer(src: str | os.PathLike | None = None) -> bool:

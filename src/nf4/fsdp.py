@@ -623,7 +623,7 @@ def load_model(
     else:
         from gguf import GGUFReader
 
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        config = checkpoint.gguf_config(path)
         gguf = GGUFReader(path)
         checkpoint._gguf_arch(gguf, path)
         gguf.fields.clear()

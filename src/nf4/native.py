@@ -29,7 +29,8 @@ SOURCE = Path(__file__).parent / "csrc" / "dequantize.c"
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """nf4's per-user cache of derived files (``NF4_CACHE_DIR``, else ``$XDG_CACHE_HOME/nf4`` or ~/.cache/nf4)."""
     root = os.environ.get("NF4_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nf4"
     return Path(root)
 
@@ -60,7 +61,7 @@ def library() -> ctypes.CDLL | None:
         return None
     flags = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"dequantize-{key}.so"
+    target = cache_dir() / f"dequantize-{key}.so"
     if not target.exists():
         try:
             _compile(cc, flags, target)
