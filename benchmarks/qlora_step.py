@@ -155,7 +155,7 @@ def run_one(
     With ``profile`` (a folder), one more step runs under torch.profiler and its top kernels and ops by device
     time go to ``<profile>/<variant>.txt``: where the step's time goes.
     """
-    from nf4 import train
+    from nf4 import fused, train
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if variant in BASELINES:
@@ -170,12 +170,14 @@ def run_one(
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
 
-    def one_step() -> None:
+    def loss_of_step() -> torch.Tensor:
         if variant in BASELINES:
-            loss = model(input_ids=ids, labels=ids).loss
-        else:  # nf4's own training step (nf4 finetune): the fused loss when its step is on
-            total, n = train.loss_sum(model, {"input_ids": ids, "attention_mask": None, "labels": ids})
-            loss = total / n
+            return model(input_ids=ids, labels=ids).loss
+        total, n = train.loss_sum(model, {"input_ids": ids, "attention_mask": None, "labels": ids})
+        return total / n
+
+    def one_step() -> None:
+        loss = loss_of_step()  # nf4's own training step (nf4 finetune): the fused loss when its step is on
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
@@ -194,6 +196,8 @@ def run_one(
                 torch.cuda.reset_peak_memory_stats()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    saved = fused.saved_for_backward(model, loss_of_step) / 2**30  # outside eager checkpoints
+    opt.zero_grad(set_to_none=True)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
@@ -215,6 +219,8 @@ def run_one(
         "first_step_s": round(first, 2),
         "peak_gib": round(peak_gib(device), 3),  # steps 2.. (the steady state)
         "first_step_peak_gib": round(first_peak, 3),
+        "saved_gib": round(saved, 3),
+        "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
         "loss_first": round(losses[0], 4),
         "loss_last": round(losses[-1], 4),
         "trainable_params": sum(p.numel() for p in params),
@@ -249,12 +255,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=240, help="seconds per variant, build and compile included")
     parser.add_argument("--profile", help="folder: one extra step per variant under torch.profiler, a table each")
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        help="torch._functorch.config.activation_memory_budget for the compiled variants (0: recompute all it can)",
+    )
     args = parser.parse_args()
     variants = args.variants.split(",")
     if any(v not in VARIANTS for v in variants):
         parser.error(f"--variants: expected some of {VARIANTS}, got {variants}")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA GPU here; pass --device cpu for a smoke run of this script")
+    if args.memory_budget is not None:
+        torch._functorch.config.activation_memory_budget = args.memory_budget
     if len(variants) == 1:
         try:
             result = run_one(

@@ -145,3 +145,37 @@ def test_compiled_layers_match_eager_with_one_graph_for_all_layers() -> None:
     torch.testing.assert_close(losses[1], losses[0], atol=ATOL, rtol=RTOL)
     for p, q in zip(lora.lora_parameters(plain), lora.lora_parameters(fast), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=ATOL, rtol=RTOL)
+
+
+def _kept_for_backward(checkpointing: bool, steps: list[str]) -> tuple[int, object]:
+    model = qlora_model()
+    if checkpointing:
+        lora.enable_gradient_checkpointing(model)
+    model.train()
+    fused.enable(model, steps)
+    ids = batch()
+    b = {"input_ids": ids, "attention_mask": None, "labels": ids}
+    return fused.saved_for_backward(model, lambda: train.loss_sum(model, b)[0]), model.config
+
+
+def test_checkpointed_layers_keep_only_their_inputs_for_backward_compiled_or_not() -> None:
+    """With checkpointing a forward keeps each layer's inputs and what runs after the layers, compiled or not.
+
+    Compiled, the checkpoint is traced into each layer's graph and AOTAutograd's partitioner picks what to save:
+    this pins that it recomputes the layer rather than keeping its activations.
+    """
+    unchecked, config = _kept_for_backward(False, ["lora"])
+    eager, _ = _kept_for_backward(True, ["lora"])
+    torch._dynamo.reset()
+    try:
+        compiled, _ = _kept_for_backward(True, ["lora", "compile"])
+    finally:
+        torch._dynamo.reset()
+    tokens = batch().numel()
+    hidden = tokens * config.hidden_size * 4  # fp32
+    rope = 2 * batch().shape[1] * (config.hidden_size // config.num_attention_heads) * 4  # cos and sin
+    after = hidden + 2 * tokens * config.vocab_size * 4  # the final norm's input, the logits and their softmax
+    print(f"kept for backward: {unchecked} unchecked, {eager} eager, {compiled} compiled")
+    assert eager <= after + hidden
+    assert compiled <= config.num_hidden_layers * (hidden + rope) + after + hidden
+    assert compiled < unchecked / 3

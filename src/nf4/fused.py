@@ -14,11 +14,13 @@ Each step is switched on separately, so the benchmark can add them one at a time
   of a 1.1B Llama is host-bound: on an H200, ~300 ms of Python a step against ~134 ms of GPU work, ~150 us of host
   time per nf4 matmul or Triton launch. A compiled layer runs as one graph call. Every layer has the same code and
   shapes, and the 4-bit weights' offsets reach the ops as tensors (``LinearNF4.weight_nested_offset``), so one
-  compile serves all layers; it still costs tens of seconds on the first step. The forward is compiled, not the
-  module call: transformers' checkpointing wrapper stays outside the graph, so activation checkpointing still
-  discards what the graph saves (compiling the whole call measured 7.4 GiB peak instead of 2.5 on the 1.1B
-  benchmark). Any device; not a default until measured (benchmarks/qlora_step.py, variants ``compiled`` and
-  ``compiled-kernels``).
+  compile serves all layers; it still costs tens of seconds on the first step. The instance's ``forward`` is
+  compiled, and transformers (>= 5) checkpoints at the class's ``forward``, so the checkpoint call is traced into
+  the graph (``tag_activation_checkpoint``) and AOTAutograd's partitioner decides what to recompute: on CPU
+  (torch 2.13) it saves only the layer inputs, as eager checkpointing does; on an H200 (torch 2.11) the step's
+  peak was 7.4 GiB against 2.5 eager, cause not yet found (``benchmarks/qlora_step.py`` reports ``saved_gib``,
+  what a forward saves outside eager checkpoints, to find it). Any device; not a default until measured
+  (variants ``compiled`` and ``compiled-kernels``).
 
 The liger steps need CUDA and the ``liger-kernel`` package (``pip install nf4[triton]``); liger's Triton kernels
 do not run on CPU (under ``TRITON_INTERPRET=1`` its loss and rope do, its norm and SwiGLU do not), so on CPU
@@ -33,7 +35,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -106,10 +108,33 @@ def enable(model: nn.Module, steps: Iterable[str] | None = None) -> nn.Module:
     if "rope" in steps:
         _patch_rope()
     if "compile" in steps:
-        for layer in model.get_decoder().layers:  # inside the checkpoint: its recompute drops what forward saves
+        for layer in model.get_decoder().layers:  # the bound forward: transformers' checkpoint wrapper included
             layer.forward = torch.compile(layer.forward)
     model.nf4_fused = tuple(s for s in STEPS if s in steps or s in getattr(model, "nf4_fused", ()))
     return model
+
+
+def saved_for_backward(model: nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of activations that ``forward()`` keeps for backward outside eager checkpoints; runs its backward.
+
+    Distinct storages, the model's own parameters and buffers left out. Tensors saved inside an eager checkpoint go
+    to the checkpoint's hooks and are not counted; a compiled layer whose checkpoint is traced into its graph saves
+    through ``ctx.save_for_backward``, so what its partitioner keeps shows here. With checkpointing that holds,
+    this is the layer inputs plus what runs outside the layers (the loss's inputs).
+    """
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    out.backward()
+    return sum(storages.values())
 
 
 def loss_sum(
