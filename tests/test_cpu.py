@@ -17,7 +17,7 @@ def eager(monkeypatch):
 
     def run(*args, **kwargs):
         with monkeypatch.context() as m:
-            m.setattr(cpu, "usable", lambda t: False)
+            m.setattr(cpu, "usable", lambda *a: False)
             return nf4.quantize(*args, **kwargs)
 
     return run
@@ -41,6 +41,19 @@ def test_fused_quantize_is_the_reference(eager, dtype, quant_type, blocksize):
     assert ours.nested_offset == ref.nested_offset
 
 
+def test_double_quant_of_a_few_thousand_absmax_is_compiled_and_is_the_reference(eager, monkeypatch):
+    """A 576x1536 weight has 13,824 absmax values: their 8-bit codes are compiled too (from 4096 values)."""
+    x = torch.randn(576, 1536, generator=torch.Generator().manual_seed(5))
+    x[0, :64] = 0  # a zero absmax: the offset pushes it below the smallest code
+    calls = []
+    encode = cpu.encode_8bit
+    monkeypatch.setattr(cpu, "encode_8bit", lambda y, dyn: calls.append(y.numel()) or encode(y, dyn))
+    ours, ref = nf4.quantize(x), eager(x)
+    assert calls == [x.numel() // 64]
+    assert torch.equal(ours.absmax, ref.absmax) and torch.equal(ours.nested_absmax, ref.nested_absmax)
+    assert ours.nested_offset == ref.nested_offset and torch.equal(ours.data, ref.data)
+
+
 def test_fused_path_rejects_nan(eager):
     x = torch.randn(cpu.MIN_ELEMENTS)
     x[-1] = float("nan")
@@ -56,5 +69,5 @@ def test_fused_dequantize_is_the_reference(monkeypatch, out_dtype):
     q = nf4.quantize(x, "fp4", 64, double_quant=True)
     assert cpu.usable(q.data)
     ours = nf4.dequantize(q, out_dtype)
-    monkeypatch.setattr(cpu, "usable", lambda t: False)
+    monkeypatch.setattr(cpu, "usable", lambda *a: False)
     assert torch.equal(ours, nf4.dequantize(q, out_dtype))

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler,
 def _reference(monkeypatch: pytest.MonkeyPatch, q: nf4.QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     with monkeypatch.context() as m:
         m.setattr(native, "usable", lambda *a: False)
-        m.setattr(cpu, "usable", lambda t: False)
+        m.setattr(cpu, "usable", lambda *a: False)
         return nf4.dequantize(q, dtype)
 
 

@@ -21,6 +21,9 @@ from nf4 import codebook
 from nf4 import format as fmt
 
 MIN_ELEMENTS = 1 << 18
+# The 8-bit encoder (double quantization) is a 7-step search of ~40 eager ops: compiled it wins from ~1k values
+# (4096 absmax values: 2.4 ms eager, 0.2 ms compiled; 13,824, a 576x1536 weight's: 8.1 vs 0.24 ms).
+ENCODE_8BIT_MIN_ELEMENTS = 1 << 12
 
 
 @functools.cache
@@ -31,8 +34,8 @@ def available() -> bool:
     return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
 
 
-def usable(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.numel() >= MIN_ELEMENTS and available()
+def usable(t: torch.Tensor, min_elements: int = MIN_ELEMENTS) -> bool:
+    return t.device.type == "cpu" and t.numel() >= min_elements and available()
 
 
 def _absmax(x: torch.Tensor) -> torch.Tensor:

@@ -374,7 +374,8 @@ def double_quantize(q: QuantizedTensor) -> QuantizedTensor:
     nested_absmax = padded.abs().amax(dim=1)
     y = _flush(padded * _reciprocal(nested_absmax).unsqueeze(1))
     dyn = _dynamic_map(absmax.device)
-    codes = (cpu.encode_8bit if cpu.usable(y) else _encode_8bit)(y, dyn).view(-1)[:nb]
+    encode = cpu.encode_8bit if cpu.usable(y, cpu.ENCODE_8BIT_MIN_ELEMENTS) else _encode_8bit
+    codes = encode(y, dyn).view(-1)[:nb]
     return replace(q, absmax=codes, nested_absmax=nested_absmax, nested_quant_map=dyn, nested_offset=offset.item())
 
 
