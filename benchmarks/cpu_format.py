@@ -1,7 +1,9 @@
 """CPU speed of the format against bitsandbytes' CPU path, side by side in one process.
 
-NF4 + double quant, blocksize 64, bf16 weights of Llama-7B/8B projection shapes. Warm medians of several
-runs (first calls include compilation and are reported apart). Usage: python benchmarks/cpu_format.py
+NF4 + double quant, blocksize 64, bf16 weights of Llama-7B/8B projection shapes: quantize, dequantize, and
+x @ W.T for 1 and 16 rows of bf16 x (generation; ours: nf4.ops.matmul, bnb: bitsandbytes.matmul_4bit), with the
+dense bf16 F.linear on the unquantized weight for scale. Warm medians of several runs (first calls include
+compilation and are reported apart). Usage: python benchmarks/cpu_format.py
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import torch
 
@@ -47,12 +50,19 @@ def _bench(shape: tuple[int, int], repeats: int) -> list[dict[str, float | str]]
         "quantize": (lambda: nf4.quantize(x), lambda: F.quantize_4bit(x, blocksize=64, compress_statistics=True)),
         "dequantize": (lambda: nf4.dequantize(q), lambda: F.dequantize_4bit(packed, state)),
     }
+    inputs = {f"matmul M={m}": torch.randn(m, shape[1], generator=torch.Generator().manual_seed(m)).to(x.dtype)
+              for m in (1, 16)}  # fmt: skip
+    for op, a in inputs.items():
+        pairs[op] = (lambda a=a: nf4.ops.matmul(a, q), lambda a=a: bnb.matmul_4bit(a, packed.t(), state))
     rows = []
     for op, (ours, theirs) in pairs.items():
         our_first, our_warm, their_first, their_warm = _time_pair(ours, theirs, repeats)
         rows.append({"shape": "x".join(map(str, shape)), "op": op, "nf4_ms": 1e3 * our_warm,
                      "bnb_ms": 1e3 * their_warm, "speedup": their_warm / our_warm, "nf4_first_ms": 1e3 * our_first,
                      "bnb_first_ms": 1e3 * their_first})  # fmt: skip
+        if op in inputs:
+            dense = _time_pair(lambda a=inputs[op]: torch.nn.functional.linear(a, x), lambda: None, repeats)[1]
+            rows[-1]["bf16_dense_ms"] = 1e3 * dense
     return rows
 
 
@@ -63,10 +73,12 @@ def main() -> None:
     args = ap.parse_args()
     rows = [row for shape in ((4096, 4096), (11008, 4096)) for row in _bench(shape, args.repeats)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{'shape':>11s} {'op':>10s} {'nf4 ms':>8s} {'bnb ms':>8s} {'speedup':>8s} {'first nf4/bnb ms':>18s}")
+    print(f"{'shape':>11s} {'op':>12s} {'nf4 ms':>8s} {'bnb ms':>8s} {'speedup':>8s} {'first nf4/bnb ms':>18s} "
+          f"{'bf16 dense ms':>14s}")  # fmt: skip
     for r in rows:
-        print(f"{r['shape']:>11s} {r['op']:>10s} {r['nf4_ms']:8.1f} {r['bnb_ms']:8.1f} {r['speedup']:7.2f}x "
-              f"{r['nf4_first_ms']:9.0f}/{r['bnb_first_ms']:.0f}")  # fmt: skip
+        dense = f"{r['bf16_dense_ms']:14.1f}" if "bf16_dense_ms" in r else ""
+        print(f"{r['shape']:>11s} {r['op']:>12s} {r['nf4_ms']:8.1f} {r['bnb_ms']:8.1f} {r['speedup']:7.2f}x "
+              f"{r['nf4_first_ms']:9.0f}/{r['bnb_first_ms']:.0f} {dense}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -69,3 +69,54 @@ def test_compiles_into_the_cache_once(monkeypatch, tmp_path):
         assert native.library() is not None and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
     finally:
         native.library.cache_clear()
+
+
+_EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("quant_type", "blocksize", "shape", "rows", "dq"), [
+    ("nf4", 64, (576, 1536), 1, True),     # AVX2 path, double quant
+    ("fp4", 128, (300, 256), 16, False),   # fp32 absmax, the most rows
+    ("int4", 32, (33, 4096), 5, True),
+    ("nf4", 64, (7, 100), 3, True),        # K % blocksize != 0: the scalar path, blocks across rows
+    ("nf4", 4096, (3, 4096), 2, False),
+])  # fmt: skip
+def test_native_matmul_is_x_times_the_dequantized_weight(dtype, quant_type, blocksize, shape, rows, dq):
+    """Each weight value is dequantize's in x's dtype; products add up in fp32, then one rounding to x's dtype."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    w = torch.randn(shape, generator=g) * 0.05
+    w[0, : min(shape[1], blocksize)] = 0
+    q = nf4.quantize(w, quant_type, blocksize, double_quant=dq)
+    x = torch.randn(rows, shape[1], generator=g).to(dtype)
+    bias = torch.randn(shape[0], generator=g).to(dtype)
+    assert native.matmul_usable(x, q)
+    ours = native.matmul(x, q, bias)
+    assert ours.dtype == dtype and ours.shape == (rows, shape[0])
+    wq = nf4.dequantize(q, dtype).double()
+    want = x.double() @ wq.T + bias.double()
+    bound = _EPS[dtype] * want.abs() + 2.0**-22 * (x.double().abs() @ wq.abs().T + bias.double().abs())
+    assert ((ours.double() - want).abs() <= bound).all()
+
+
+def test_native_matmul_is_the_same_on_any_thread_count(monkeypatch):
+    q = nf4.quantize(torch.randn(1024, 512) * 0.1)
+    x = torch.randn(4, 512)
+    one = native.matmul(x, q)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    assert torch.equal(one, native.matmul(x, q))
+
+
+def test_ops_matmul_takes_the_native_kernel_for_a_few_rows_only(monkeypatch):
+    q = nf4.quantize(torch.randn(256, 128) * 0.1)
+    calls = []
+    kernel = native.matmul
+    monkeypatch.setattr(native, "matmul", lambda x, q, b=None: calls.append(x.shape) or kernel(x, q, b))
+    for rows in (1, native.MATMUL_MAX_M, native.MATMUL_MAX_M + 1):
+        x = torch.randn(2, rows, 128, requires_grad=True) if rows == 1 else torch.randn(rows, 128, requires_grad=True)
+        y = nf4.ops.matmul(x, q)
+        want = x.detach() @ nf4.dequantize(q).T
+        torch.testing.assert_close(y.detach(), want, rtol=1e-5, atol=1e-5)
+        y.sum().backward()  # backward dequantizes: the same gradient on every path
+        torch.testing.assert_close(x.grad, nf4.dequantize(q).sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+    assert calls == [(2, 1, 128), (native.MATMUL_MAX_M, 128)]

@@ -36,11 +36,13 @@ def test_matmul_forward_and_input_gradient() -> None:
     x = torch.randn(2, 3, 64, requires_grad=True)
     out = ops.matmul(x, q, bias)
     w = nf4.dequantize(q, torch.float32)
-    torch.testing.assert_close(out, x @ w.T + bias)
+    # 6 rows: the CPU's fused kernel (nf4.native.matmul), whose fp32 sums run in another order than x @ w.T's
+    want = x @ w.T + bias
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6 * want.abs().max().item())
     out.pow(2).sum().backward()
     x_ref = x.detach().requires_grad_()
     (x_ref @ w.T + bias).pow(2).sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-6 * x_ref.grad.abs().max().item())
 
 
 def test_matmul_rejects_mismatched_shapes() -> None:
@@ -65,4 +67,6 @@ def test_compile_fullgraph_cpu() -> None:
     model = _Tiny()
     x = torch.randn(4, 64)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), model(x))
+    # eager: the fused CPU kernel (4 rows); compiled: the op's dequantize + linear. Same values, other sum order.
+    want = model(x)
+    torch.testing.assert_close(compiled(x), want, rtol=0, atol=1e-6 * want.abs().max().item())

@@ -1,11 +1,12 @@
 """Small C kernels for the CPU, compiled at first use and called through ctypes: no build step at install.
 
 Why not TorchInductor (``nf4/cpu.py``) for dequantize: Inductor emits the 16-level table lookup as one scalar
-load per element (~2.8 ns), slower than bitsandbytes' hand-written loop; ``csrc/dequantize.c`` does 8 lookups
-with one AVX2 register permute and runs at memory speed. The library compiles with the system C compiler (the
-one Inductor needs too) into a per-user cache, keyed by the source's hash, written to a temporary name and
-renamed, so concurrent processes never load a half-written file. ``NF4_NO_COMPILE=1`` or no compiler: the
-caller falls back to the other paths, which give the same values.
+load per element (~2.8 ns), slower than bitsandbytes' hand-written loop; ``csrc/kernels.c`` does 8 lookups
+with one AVX2 register permute and runs at memory speed. The same decode feeds ``matmul`` for a few rows of x
+(generation): the weight is read once as 4-bit, never written out as floats. The library compiles with the
+system C compiler (the one Inductor needs too) into a per-user cache, keyed by the source's hash, written to a
+temporary name and renamed, so concurrent processes never load a half-written file. ``NF4_NO_COMPILE=1`` or no
+compiler: the caller falls back to the other paths, which give the same values.
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "dequantize.c"
+if TYPE_CHECKING:
+    from nf4.format import QuantizedTensor
+
+SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
+MATMUL_MAX_M = 16  # csrc/kernels.c's accumulator count
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -59,9 +65,9 @@ def library() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
         return None
-    flags = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
+    flags = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"]  # no fused a*b+c: format.py's rounding
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"dequantize-{key}.so"
+    target = cache_dir() / f"kernels-{key}.so"
     if not target.exists():
         try:
             _compile(cc, flags, target)
@@ -72,6 +78,10 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     lib.nf4_dequantize.restype = None
     lib.nf4_dequantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
+    lib.nf4_matmul.restype = None
+    lib.nf4_matmul.argtypes = (
+        [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int]
+    ) + [ctypes.c_void_p]
     return lib
 
 
@@ -127,9 +137,63 @@ def dequantize(
     def part(t: int) -> None:
         lib.nf4_dequantize(*args, bounds[t], bounds[t + 1], blocksize, out.data_ptr(), _KINDS[dtype])
 
+    _run(part, threads)
+    return out
+
+
+@functools.cache
+def _pool(pid: int) -> ThreadPoolExecutor:
+    """Worker threads kept between calls (starting them cost more than a small call's work); one pool per process,
+    as a forked child inherits the pool object but not its threads."""
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="nf4-native")
+
+
+def _run(part: Callable[[int], None], threads: int) -> None:
     if threads == 1:
         part(0)
     else:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(part, range(threads)))
-    return out
+        list(_pool(os.getpid()).map(part, range(threads)))
+
+
+def matmul_usable(x: torch.Tensor, q: QuantizedTensor) -> bool:
+    """Whether ``matmul`` takes these: a CPU x of at most MATMUL_MAX_M rows and a 2-D weight, compiled kernels."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return usable(q.data, x.dtype) and x.device.type == "cpu" and len(q.shape) == 2 and rows <= MATMUL_MAX_M
+
+
+def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequantize(q, x.dtype).T + bias`` for a few rows of x, W read once as 4-bit (``csrc/kernels.c``).
+
+    Each weight value is the one ``dequantize`` gives in x's dtype; products accumulate in fp32 and the result is
+    rounded to x's dtype once. Rows of W are split over ``torch.get_num_threads()`` threads.
+    """
+    lib = library()
+    assert lib is not None and matmul_usable(x, q), "native.matmul called where matmul_usable() is False"
+    n, k = q.shape
+    x2 = x.reshape(-1, k).float().contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    dq = q.nested_absmax is not None
+    absmax = q.absmax.contiguous() if dq else q.absmax.float().contiguous()
+    keep = [q.data.contiguous(), absmax, q.quant_map.float().contiguous()]
+    if dq:
+        keep += [q.nested_quant_map.float().contiguous(), q.nested_absmax.float().contiguous()]
+    codes, absmax, levels = keep[0], keep[1], keep[2]
+    tables = (
+        (0, absmax.data_ptr(), keep[3].data_ptr(), keep[4].data_ptr(), float(q.nested_offset))
+        if dq
+        else (absmax.data_ptr(), 0, 0, 0, 0.0)
+    )
+    threads = max(1, min(torch.get_num_threads(), n * k // (1 << 16)))
+    bounds = [n * t // threads for t in range(threads + 1)]
+
+    def part(t: int) -> None:
+        lib.nf4_matmul(
+            codes.data_ptr(), *tables, levels.data_ptr(), x2.data_ptr(), m, k, n, bounds[t], bounds[t + 1],
+            q.blocksize, _KINDS[x.dtype], out.data_ptr(),
+        )  # fmt: skip
+
+    _run(part, threads)
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).view(*x.shape[:-1], n)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch._library.triton import set_wrap_triton_enabled
 
-from nf4 import format
+from nf4 import format, native
 from nf4.format import NESTED_BLOCKSIZE, FormatError, QuantizedTensor
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -284,6 +284,8 @@ class _EagerMatmul(torch.autograd.Function):
             offset = _offset(q, offset)  # made once, for backward too
             with set_wrap_triton_enabled(False):
                 out = _matmul_impl(x, *_qargs(q, offset), q.shape[0], bias)
+        elif native.matmul_usable(x, q):  # a few rows (generation): W read once as 4-bit, no float copy
+            out = native.matmul(x, q, bias)
         else:
             out = F.linear(x, format.dequantize(q, x.dtype), bias)
         ctx.q, ctx.offset = q, offset

@@ -1,17 +1,31 @@
-/* Blockwise 4-bit dequantize on CPU: the same values as nf4.format.dequantize, faster than TorchInductor can.
+/* Blockwise 4-bit kernels for the CPU, compiled at first use by nf4/native.py.
 
+   nf4_dequantize: the same values as nf4.format.dequantize, faster than TorchInductor can.
    out[i] = round_to_dtype(flush(level[code i] * absmax[i / blocksize])), codes two per byte, first in the high
    nibble. Inductor turns the level lookup into one scalar load per element; here AVX2 looks 8 levels up at once
    with a register permute (vpermps over the 16-entry table split in two halves), so the loop runs at the speed
-   of memory. Compiled at first use by nf4/native.py; the scalar loop is the same computation for other CPUs and
-   for the tail. */
+   of memory. The scalar loop is the same computation for other CPUs and for the tail.
+
+   nf4_matmul: x [M, K] times the decoded W [N, K] transposed, for a few rows of x (decoding, generation): W is
+   streamed once as 4-bit and never written out as floats. Each weight value is the one nf4_dequantize gives
+   in the compute dtype; the dot products accumulate in fp32. */
 
 #include <stdint.h>
 #include <string.h>
 
 enum { OUT_F32 = 0, OUT_BF16 = 1, OUT_F16 = 2 };
+enum { MATMUL_MAX_M = 16 };
 
 static const float FLT_MIN_ = 1.17549435e-38f;
+
+static inline float block_scale(const float *absmax, const uint8_t *absmax_codes, const float *nested_map,
+                                const float *nested_absmax, float offset, int64_t block) {
+    /* double quantization: flush(nested_map[code] * nested_absmax[block / 256]) + offset, as format.py */
+    if (!absmax_codes) return absmax[block];
+    float v = nested_map[absmax_codes[block]] * nested_absmax[block >> 8];
+    if (v < FLT_MIN_ && v > -FLT_MIN_) v = 0.0f;
+    return v + offset;
+}
 
 static inline uint16_t bf16_bits(float v) {
     uint32_t u;
@@ -87,6 +101,85 @@ __attribute__((target("avx2,f16c"))) static void avx2(const uint8_t *codes, cons
     }
 }
 #endif
+
+#if defined(__x86_64__) || defined(__i386__)
+/* Rows [n0, n1) of W whose rows are whole blocks (K % blocksize == 0, blocksize % 16 == 0); M <= MATMUL_MAX_M. */
+__attribute__((target("avx2,f16c,fma"))) static void matmul_avx2(const uint8_t *codes, const float *absmax,
+                                                             const uint8_t *absmax_codes, const float *nested_map,
+                                                             const float *nested_absmax, float offset,
+                                                             const float *levels, const float *x, int64_t M,
+                                                             int64_t K, int64_t N, int64_t n0, int64_t n1,
+                                                             int64_t blocksize, int kind, float *out) {
+    __m256 lo_table = _mm256_loadu_ps(levels), hi_table = _mm256_loadu_ps(levels + 8), a, b;
+    const int64_t blocks_per_row = K / blocksize;
+    for (int64_t n = n0; n < n1; n++) {
+        __m256 acc[MATMUL_MAX_M];
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < blocks_per_row; j++) {
+            int64_t blk = n * blocks_per_row + j;
+            __m256 scale = _mm256_set1_ps(block_scale(absmax, absmax_codes, nested_map, nested_absmax, offset, blk));
+            for (int64_t k = j * blocksize; k < (j + 1) * blocksize; k += 16) {
+                decode16(codes + (n * K + k) / 2, lo_table, hi_table, scale, &a, &b);
+                if (kind == OUT_BF16) {
+                    a = _mm256_castsi256_ps(_mm256_slli_epi32(bf16_round(a), 16));
+                    b = _mm256_castsi256_ps(_mm256_slli_epi32(bf16_round(b), 16));
+                } else if (kind == OUT_F16) {
+                    a = _mm256_cvtph_ps(_mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
+                    b = _mm256_cvtph_ps(_mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT));
+                }
+                for (int64_t m = 0; m < M; m++) {
+                    acc[m] = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + m * K + k), acc[m]);
+                    acc[m] = _mm256_fmadd_ps(b, _mm256_loadu_ps(x + m * K + k + 8), acc[m]);
+                }
+            }
+        }
+        for (int64_t m = 0; m < M; m++) {
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            out[m * N + n] = _mm_cvtss_f32(s);
+        }
+    }
+}
+#endif
+
+static float round_to(float v, int kind) {
+    if (kind == OUT_BF16) {
+        uint32_t u = (uint32_t)bf16_bits(v) << 16;
+        memcpy(&v, &u, 4);
+    } else if (kind == OUT_F16) {
+        v = (float)(_Float16)v;
+    }
+    return v;
+}
+
+/* out[m, n] (row stride N) = sum_k x[m, k] * W[n, k] for the rows n in [n0, n1), M <= MATMUL_MAX_M.
+   W: blockwise 4-bit codes over the flat [N, K] tensor; absmax fp32 per block, or (absmax_codes not NULL) its
+   8-bit double quantization. kind: the compute dtype each weight value is rounded to (x is given as fp32). */
+void nf4_matmul(const uint8_t *codes, const float *absmax, const uint8_t *absmax_codes, const float *nested_map,
+                const float *nested_absmax, float offset, const float *levels, const float *x, int64_t M,
+                int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t blocksize, int kind, float *out) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (blocksize % 16 == 0 && K % blocksize == 0 && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma")) {
+        matmul_avx2(codes, absmax, absmax_codes, nested_map, nested_absmax, offset, levels, x, M, K, N, n0, n1,
+                    blocksize, kind, out);
+        return;
+    }
+#endif
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t m = 0; m < M; m++) out[m * N + n] = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t i = n * K + k;
+            uint8_t byte = codes[i >> 1];
+            float scale = block_scale(absmax, absmax_codes, nested_map, nested_absmax, offset, i / blocksize);
+            float w = levels[(i & 1) ? (byte & 15) : (byte >> 4)] * scale;
+            if (w < FLT_MIN_ && w > -FLT_MIN_) w = 0.0f;
+            w = round_to(w, kind);
+            for (int64_t m = 0; m < M; m++) out[m * N + n] += x[m * K + k] * w;
+        }
+    }
+}
 
 /* Elements [begin, end) of a tensor of blocksize-sized blocks; begin is a multiple of blocksize.
    levels: the 16 fp32 code values; absmax: fp32 per block; out: fp32, bf16 or fp16 by kind. */
