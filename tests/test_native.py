@@ -83,7 +83,7 @@ _EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-1
     ("nf4", 4096, (3, 4096), 2, False),
 ])  # fmt: skip
 def test_native_matmul_is_x_times_the_dequantized_weight(dtype, quant_type, blocksize, shape, rows, dq):
-    """Each weight value is dequantize's in x's dtype; products add up in fp32, then one rounding to x's dtype."""
+    """x @ W.T in fp32 with W = dequantize(q, fp32), then one rounding to x's dtype."""
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     w = torch.randn(shape, generator=g) * 0.05
     w[0, : min(shape[1], blocksize)] = 0
@@ -93,7 +93,7 @@ def test_native_matmul_is_x_times_the_dequantized_weight(dtype, quant_type, bloc
     assert native.matmul_usable(x, q)
     ours = native.matmul(x, q, bias)
     assert ours.dtype == dtype and ours.shape == (rows, shape[0])
-    wq = nf4.dequantize(q, dtype).double()
+    wq = nf4.dequantize(q, torch.float32).double()
     want = x.double() @ wq.T + bias.double()
     bound = _EPS[dtype] * want.abs() + 2.0**-22 * (x.double().abs() @ wq.abs().T + bias.double().abs())
     assert ((ours.double() - want).abs() <= bound).all()

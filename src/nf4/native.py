@@ -80,8 +80,8 @@ def library() -> ctypes.CDLL | None:
     lib.nf4_dequantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
     lib.nf4_matmul.restype = None
     lib.nf4_matmul.argtypes = (
-        [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int]
-    ) + [ctypes.c_void_p]
+        [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
+    )
     return lib
 
 
@@ -162,10 +162,11 @@ def matmul_usable(x: torch.Tensor, q: QuantizedTensor) -> bool:
 
 
 def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ dequantize(q, x.dtype).T + bias`` for a few rows of x, W read once as 4-bit (``csrc/kernels.c``).
+    """``x @ dequantize(q).T + bias`` for a few rows of x, W read once as 4-bit (``csrc/kernels.c``).
 
-    Each weight value is the one ``dequantize`` gives in x's dtype; products accumulate in fp32 and the result is
-    rounded to x's dtype once. Rows of W are split over ``torch.get_num_threads()`` threads.
+    Computed in fp32 (x cast up, the weight values in fp32, as ``dequantize(q, torch.float32)``) and rounded to
+    x's dtype once: for bf16 x, closer to the exact product than ``x @ dequantize(q, bf16).T``, which rounds every
+    weight to bf16 first. Rows of W are split over ``torch.get_num_threads()`` threads.
     """
     lib = library()
     assert lib is not None and matmul_usable(x, q), "native.matmul called where matmul_usable() is False"
@@ -190,7 +191,7 @@ def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None
     def part(t: int) -> None:
         lib.nf4_matmul(
             codes.data_ptr(), *tables, levels.data_ptr(), x2.data_ptr(), m, k, n, bounds[t], bounds[t + 1],
-            q.blocksize, _KINDS[x.dtype], out.data_ptr(),
+            q.blocksize, out.data_ptr(),
         )  # fmt: skip
 
     _run(part, threads)
