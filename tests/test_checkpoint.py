@@ -363,6 +363,22 @@ def test_gguf_config_and_tokenizer_are_converted_once_and_equal_transformers_own
     assert len(list((tmp_path / "gguf").iterdir())) == 2
 
 
+def test_gguf_conversion_finished_first_by_another_process_is_kept(tmp_path, monkeypatch):
+    """torchrun's ranks convert the same GGUF at once: the first rename wins, the others drop their copy."""
+    monkeypatch.setenv("NF4_CACHE_DIR", str(tmp_path))
+    rename = os.rename
+
+    def another_rank_renames_first(src, dst):
+        Path(dst).mkdir()
+        (Path(dst) / "config.json").write_text('{"theirs": true}')
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", another_rank_renames_first)
+    folder = checkpoint._gguf_hf_folder(checkpoint.default_gguf())
+    assert json.loads((folder / "config.json").read_text()) == {"theirs": True}
+    assert [p.name for p in (tmp_path / "gguf").iterdir()] == [folder.name]  # our temporary copy is gone
+
+
 def test_folder_with_garbage_safetensors_or_only_pickles(tmp_path):
     shutil.copy(_minilm_dir() / "config.json", tmp_path / "config.json")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02" + b"\0" * 64)
