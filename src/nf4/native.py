@@ -174,17 +174,14 @@ def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None
     x2 = x.reshape(-1, k).float().contiguous()
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
-    dq = q.nested_absmax is not None
-    absmax = q.absmax.contiguous() if dq else q.absmax.float().contiguous()
-    keep = [q.data.contiguous(), absmax, q.quant_map.float().contiguous()]
-    if dq:
-        keep += [q.nested_quant_map.float().contiguous(), q.nested_absmax.float().contiguous()]
-    codes, absmax, levels = keep[0], keep[1], keep[2]
-    tables = (
-        (0, absmax.data_ptr(), keep[3].data_ptr(), keep[4].data_ptr(), float(q.nested_offset))
-        if dq
-        else (absmax.data_ptr(), 0, 0, 0, 0.0)
-    )
+    codes, levels = q.data.contiguous(), q.quant_map.float().contiguous()
+    if q.nested_absmax is None:  # (fp32 absmax, 8-bit absmax codes, nested map, nested absmax, offset)
+        absmax = q.absmax.float().contiguous()
+        tables = (absmax.data_ptr(), 0, 0, 0, 0.0)
+    else:
+        codes8 = q.absmax.contiguous()
+        nested_map, nested_absmax = q.nested_quant_map.float().contiguous(), q.nested_absmax.float().contiguous()
+        tables = (0, codes8.data_ptr(), nested_map.data_ptr(), nested_absmax.data_ptr(), float(q.nested_offset))
     threads = max(1, min(torch.get_num_threads(), n * k // (1 << 16)))
     bounds = [n * t // threads for t in range(threads + 1)]
 

@@ -48,10 +48,9 @@ static void scalar(const uint8_t *codes, const float *absmax, const float *level
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
-/* 16 outputs from 8 code bytes. */
-__attribute__((target("avx2,f16c"))) static inline void decode16(const uint8_t *codes, __m256 lo_table,
-                                                                 __m256 hi_table, __m256 scale, __m256 *a,
-                                                                 __m256 *b) {
+/* 16 code values (unscaled levels) from 8 code bytes, high nibble first. */
+__attribute__((target("avx2"))) static inline void levels16(const uint8_t *codes, __m256 lo_table, __m256 hi_table,
+                                                            __m256 *a, __m256 *b) {
     __m128i bytes = _mm_loadl_epi64((const __m128i *)codes);
     __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(15));
     __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15));
@@ -59,10 +58,18 @@ __attribute__((target("avx2,f16c"))) static inline void decode16(const uint8_t *
     __m256i i0 = _mm256_cvtepu8_epi32(nibbles);
     __m256i i1 = _mm256_cvtepu8_epi32(_mm_srli_si128(nibbles, 8));
     /* vpermps uses the index's low 3 bits; bit 3 picks the table half (blendv reads the sign bit). */
-    __m256 v0 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo_table, i0), _mm256_permutevar8x32_ps(hi_table, i0),
-                                 _mm256_castsi256_ps(_mm256_slli_epi32(i0, 28)));
-    __m256 v1 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo_table, i1), _mm256_permutevar8x32_ps(hi_table, i1),
-                                 _mm256_castsi256_ps(_mm256_slli_epi32(i1, 28)));
+    *a = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo_table, i0), _mm256_permutevar8x32_ps(hi_table, i0),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(i0, 28)));
+    *b = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo_table, i1), _mm256_permutevar8x32_ps(hi_table, i1),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(i1, 28)));
+}
+
+/* 16 outputs from 8 code bytes: the levels times the block's scale, products below FLT_MIN flushed. */
+__attribute__((target("avx2,f16c"))) static inline void decode16(const uint8_t *codes, __m256 lo_table,
+                                                                 __m256 hi_table, __m256 scale, __m256 *a,
+                                                                 __m256 *b) {
+    __m256 v0, v1;
+    levels16(codes, lo_table, hi_table, &v0, &v1);
     v0 = _mm256_mul_ps(v0, scale);
     v1 = _mm256_mul_ps(v1, scale);
     const __m256 sign = _mm256_set1_ps(-0.0f), tiny = _mm256_set1_ps(FLT_MIN_);
@@ -100,28 +107,11 @@ __attribute__((target("avx2,f16c"))) static void avx2(const uint8_t *codes, cons
         }
     }
 }
-#endif
-
-#if defined(__x86_64__) || defined(__i386__)
-/* 16 code values (unscaled levels) from 8 code bytes, high nibble first. */
-__attribute__((target("avx2"))) static inline void levels16(const uint8_t *codes, __m256 lo_table, __m256 hi_table,
-                                                            __m256 *a, __m256 *b) {
-    __m128i bytes = _mm_loadl_epi64((const __m128i *)codes);
-    __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(15));
-    __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15));
-    __m128i nibbles = _mm_unpacklo_epi8(high, low);
-    __m256i i0 = _mm256_cvtepu8_epi32(nibbles);
-    __m256i i1 = _mm256_cvtepu8_epi32(_mm_srli_si128(nibbles, 8));
-    *a = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo_table, i0), _mm256_permutevar8x32_ps(hi_table, i0),
-                          _mm256_castsi256_ps(_mm256_slli_epi32(i0, 28)));
-    *b = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo_table, i1), _mm256_permutevar8x32_ps(hi_table, i1),
-                          _mm256_castsi256_ps(_mm256_slli_epi32(i1, 28)));
-}
 
 /* Rows [n0, n1) of W whose rows are whole blocks (K % blocksize == 0, blocksize % 16 == 0), M rows of x.
    Per block: the code values dotted with x, then times the block's scale (one multiply per block, not per value).
-   Inlined for each M from 1 to MATMUL_MAX_M (see matmul_rows): with M a constant the accumulators live in
-   registers; with M a variable they went through memory, a store-to-load wait on every FMA (1.4x slower). */
+   Inlined for each M from 1 to MATMUL_MAX_M (MATMUL_ROWS): with M a constant the accumulators live in
+   registers; with M a variable they went through memory, a store-to-load wait on every FMA. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void
 matmul_avx2(const uint8_t *codes, const float *absmax, const uint8_t *absmax_codes, const float *nested_map,
             const float *nested_absmax, float offset, const float *levels, const float *x, const int64_t M,
@@ -182,8 +172,7 @@ void nf4_matmul(const uint8_t *codes, const float *absmax, const uint8_t *absmax
                 const float *nested_absmax, float offset, const float *levels, const float *x, int64_t M,
                 int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t blocksize, float *out) {
 #if defined(__x86_64__) || defined(__i386__)
-    if (M < 1) return;
-    if (M <= MATMUL_MAX_M && blocksize % 16 == 0 && K % blocksize == 0 && __builtin_cpu_supports("avx2") &&
+    if (M >= 1 && M <= MATMUL_MAX_M && blocksize % 16 == 0 && K % blocksize == 0 && __builtin_cpu_supports("avx2") &&
         __builtin_cpu_supports("fma")) {
         MATMUL_ROWS[M](codes, absmax, absmax_codes, nested_map, nested_absmax, offset, levels, x, K, N, n0, n1,
                        blocksize, out);
