@@ -196,6 +196,7 @@ def run_one(
                 torch.cuda.reset_peak_memory_stats()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    peak = peak_gib(device)  # steps 2.. (the steady state): read before the diagnostic steps below
     saved = fused.saved_for_backward(model, loss_of_step) / 2**30  # outside eager checkpoints
     opt.zero_grad(set_to_none=True)
     if profile:
@@ -217,7 +218,7 @@ def run_one(
         "tokens_per_s": round(batch * seq / step, 1),
         "step_ms": round(step * 1e3, 2),
         "first_step_s": round(first, 2),
-        "peak_gib": round(peak_gib(device), 3),  # steps 2.. (the steady state)
+        "peak_gib": round(peak, 3),
         "first_step_peak_gib": round(first_peak, 3),
         "saved_gib": round(saved, 3),
         "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
