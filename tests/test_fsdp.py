@@ -193,6 +193,7 @@ def test_fsdp_finetune_matches_one_process_and_resumes(
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = _torchrun(cli[:4] + [str(tmp_path / "nf4")] + cli[5:] + ["--steps", "4", "--resume"])  # DCP + RNG
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sum(line.startswith("{") for line in resumed.stdout.splitlines()) == 1  # the job's result, once
     two = _json_line(resumed.stdout)
     # the same global batch split over 2 ranks: the same losses up to float summation order
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-6)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import sys
 import time
@@ -227,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (checkpoint.CheckpointError, FormatError, ValueError, OSError) as e:
         print(f"nf4 {args.command}: error: {e}".splitlines()[0], file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":
+        # a torchrun job (finetune --fsdp) reports once, from rank 0: every rank holds the same result, and with
+        # unbuffered output two ranks' lines could interleave on the shared stdout
+        return 0
     if args.json:
         print(json.dumps(result))
     else:
