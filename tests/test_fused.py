@@ -179,3 +179,39 @@ def test_checkpointed_layers_keep_only_their_inputs_for_backward_compiled_or_not
     assert eager <= after + hidden
     assert compiled <= config.num_hidden_layers * (hidden + rope) + after + hidden
     assert compiled < unchecked / 3
+
+
+def test_compiled_layers_recompute_with_the_forwards_dropout_masks() -> None:
+    """A compiled layer is recomputed inside its backward graph; its dropout masks must be the forward's, not new
+    draws. Checked by the gradient against the loss's change along it, every loss drawn from the same seed (so with
+    the same masks): a backward that drew its own masks differentiates another function."""
+    model = qlora_model(dropout=0.5)
+    lora.enable_gradient_checkpointing(model)
+    model.train()
+    fused.enable(model, ["lora", "compile"])
+    ids = batch()
+    b = {"input_ids": ids, "attention_mask": None, "labels": ids}
+    params = lora.lora_parameters(model)
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(7)
+        return train.loss_sum(model, b)[0]
+
+    torch._dynamo.reset()
+    try:
+        loss().backward()
+        grads = [p.grad.clone() for p in params]
+        eps = 1e-4  # the loss is curved enough that 1e-3 is off by 2% even eagerly
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.add_(g, alpha=eps)
+        up = loss().item()
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.add_(g, alpha=-2 * eps)
+        down = loss().item()
+    finally:
+        torch._dynamo.reset()
+    slope, want = (up - down) / (2 * eps), sum(float((g * g).sum()) for g in grads)
+    print(f"slope {slope}, |g|^2 {want}")
+    assert slope == pytest.approx(want, rel=1e-2)

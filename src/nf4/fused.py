@@ -14,13 +14,10 @@ Each step is switched on separately, so the benchmark can add them one at a time
   of a 1.1B Llama is host-bound: on an H200, ~300 ms of Python a step against ~134 ms of GPU work, ~150 us of host
   time per nf4 matmul or Triton launch. A compiled layer runs as one graph call. Every layer has the same code and
   shapes, and the 4-bit weights' offsets reach the ops as tensors (``LinearNF4.weight_nested_offset``), so one
-  compile serves all layers; it still costs tens of seconds on the first step. The instance's ``forward`` is
-  compiled, and transformers (>= 5) checkpoints at the class's ``forward``, so the checkpoint call is traced into
-  the graph (``tag_activation_checkpoint``) and AOTAutograd's partitioner decides what to recompute: on CPU
-  (torch 2.13) it saves only the layer inputs, as eager checkpointing does; on an H200 (torch 2.11) the step's
-  peak was 7.4 GiB against 2.5 eager, cause not yet found (``benchmarks/qlora_step.py`` reports ``saved_gib``,
-  what a forward saves outside eager checkpoints, to find it). Any device; not a default until measured
-  (variants ``compiled`` and ``compiled-kernels``).
+  compile serves all layers; it still costs tens of seconds on the first step. transformers' checkpoint is traced
+  into the graph, and ``_RecomputeWholeLayer`` makes the partitioner recompute the whole layer in its backward
+  graph, so the layer keeps only its inputs, as eager checkpointing does. Any device; opt-in (its first step
+  compiles): 1.3-1.4x the eager fused path's tokens/s at the same peak memory on an H200 (docs/BENCHMARKS.md).
 
 The liger steps need CUDA and the ``liger-kernel`` package (``pip install nf4[triton]``); liger's Triton kernels
 do not run on CPU (under ``TRITON_INTERPRET=1`` its loss and rope do, its norm and SwiGLU do not), so on CPU
@@ -34,11 +31,16 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.utils.checkpoint import CheckpointPolicy
 
 from nf4 import lora
 
@@ -74,7 +76,7 @@ def default_steps(model: nn.Module, requested: bool | None = None) -> tuple[str,
 
     None picks every step that pays on the model's device: ``lora`` and the liger steps on CUDA with liger
     installed, ``lora`` alone on CUDA without it, none on CPU (whose plain path is the measured one in
-    docs/QLORA.md). ``compile`` is never a default: its gain is not measured yet.
+    docs/QLORA.md). ``compile`` is opt-in: its first step compiles for tens of seconds.
 
     Raises:
         ValueError: ``requested`` is True and the liger steps cannot run (the message says why).
@@ -108,10 +110,70 @@ def enable(model: nn.Module, steps: Iterable[str] | None = None) -> nn.Module:
     if "rope" in steps:
         _patch_rope()
     if "compile" in steps:
-        for layer in model.get_decoder().layers:  # the bound forward: transformers' checkpoint wrapper included
-            layer.forward = torch.compile(layer.forward)
+        for layer in model.get_decoder().layers:
+            layer.forward = _compiled_forward(layer)
     model.nf4_fused = tuple(s for s in STEPS if s in steps or s in getattr(model, "nf4_fused", ()))
     return model
+
+
+class _RecomputeWholeLayer(CustomGraphPass):
+    """Joint-graph pass: every forward node of a checkpointed layer gets the checkpoint's recompute tag.
+
+    transformers (>= 5) checkpoints inside the layer class's ``forward``, so a compiled layer traces its checkpoint
+    into the graph (``tag_activation_checkpoint``), and AOTAutograd's partitioner recomputes the nodes tagged
+    recompute. Under torch 2.11 the tags miss the nodes inside an ``autograd.Function`` and the Triton kernels of
+    a ``triton_op``; the partitioner may not recompute an untagged Triton kernel, so it saved each dequantized
+    weight (and more): 7.4 GiB at the 1.1B benchmark on an H200 against 2.5 eager. Spreading the tag from a
+    node's tagged neighbours, to a fixpoint, restores what eager checkpointing keeps (the layer's inputs) in one
+    compiled backward. Nodes that need the gradients are backward and left alone. Dropout masks drawn in a recomputed
+    layer come out the same (tests/test_fused.py checks the gradient against the loss's change along it).
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        backward: set[torch.fx.Node] = set()
+        for node in graph.nodes:  # topological order: a node after any tangent-dependent input is backward
+            if (node.op == "placeholder" and node.name.startswith("tangents")) or any(
+                a in backward for a in node.all_input_nodes
+            ):
+                backward.add(node)
+        forward = [n for n in graph.nodes if n.op == "call_function" and n not in backward]
+        changed = True
+        while changed:
+            changed = False
+            for node in forward:
+                if node.meta.get("recompute") is not None:
+                    continue
+                near = [*node.all_input_nodes, *(u for u in node.users if u not in backward)]
+                tagged = next((m for m in near if m.meta.get("recompute") in _RECOMPUTE), None)
+                if tagged is not None:
+                    node.meta["recompute"] = tagged.meta["recompute"]
+                    node.meta["ac_graph_id"] = tagged.meta.get("ac_graph_id")
+                    changed = True
+
+    def uuid(self) -> str:  # inductor's cache key: this file's text
+        return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+_RECOMPUTE = (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
+
+
+def _compiled_forward(layer: nn.Module) -> Callable[..., Any]:
+    """The layer's bound ``forward`` (transformers' checkpoint included) under torch.compile, whole-layer recompute.
+
+    Checkpointing from outside the graph (a plain non-reentrant checkpoint around the compiled body) keeps as
+    little, but runs the forward twice as separate graph calls: 230 ms a step against 153-178 ms at the 1.1B
+    benchmark (H200, docs/BENCHMARKS.md).
+    """
+    return torch.compile(layer.forward, backend=_inductor_recomputing_whole_layers)
+
+
+def _inductor_recomputing_whole_layers(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
+    """Inductor with ``_RecomputeWholeLayer`` on the joint graph; one function, so every layer shares a graph (a
+    backend made per ``torch.compile`` call, as ``options=`` makes, would compile each layer anew)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    with torch._inductor.config.patch(joint_custom_pre_pass=_RecomputeWholeLayer()):
+        return compile_fx(gm, example_inputs)
 
 
 def saved_for_backward(model: nn.Module, forward: Callable[[], torch.Tensor]) -> int:

@@ -176,7 +176,8 @@ class _LoraMatmul(torch.autograd.Function):
             if mask is None:
                 grad_x.addmm_(u, a_c)
             else:
-                grad_x.add_((u @ a_c) * mask, alpha=1 / (1 - ctx.p))
+                # not add_(..., alpha=): torch.compile (2.13) dropped the alpha in this backward
+                grad_x.add_((u @ a_c) * mask / (1 - ctx.p))
             grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1])
         if ctx.needs_input_grad[1]:
             h = x2 if mask is None else x2 * mask / (1 - ctx.p)
