@@ -572,8 +572,10 @@ def load_tokenizer(src: str | os.PathLike | None = None) -> Any:
     from transformers import AutoTokenizer
 
     path = _resolve(src)
-    tokenizer = AutoTokenizer.from_pretrained(path if path.is_dir() else _gguf_hf_folder(path))
-    tokenizer.name_or_path = str(path if path.is_dir() else path.parent)
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(_gguf_hf_folder(path))
+    tokenizer.name_or_path = str(path.parent)  # as transformers' own GGUF loading names it
     return tokenizer
 
 

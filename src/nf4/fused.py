@@ -110,8 +110,8 @@ def enable(model: nn.Module, steps: Iterable[str] | None = None) -> nn.Module:
     if "rope" in steps:
         _patch_rope()
     if "compile" in steps:
-        for layer in model.get_decoder().layers:
-            layer.forward = _compiled_forward(layer)
+        for layer in model.get_decoder().layers:  # the bound forward: transformers' checkpoint traced in
+            layer.forward = torch.compile(layer.forward, backend=_inductor_recomputing_whole_layers)
     model.nf4_fused = tuple(s for s in STEPS if s in steps or s in getattr(model, "nf4_fused", ()))
     return model
 
@@ -157,19 +157,14 @@ class _RecomputeWholeLayer(CustomGraphPass):
 _RECOMPUTE = (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
 
 
-def _compiled_forward(layer: nn.Module) -> Callable[..., Any]:
-    """The layer's bound ``forward`` (transformers' checkpoint included) under torch.compile, whole-layer recompute.
-
-    Checkpointing from outside the graph (a plain non-reentrant checkpoint around the compiled body) keeps as
-    little, but runs the forward twice as separate graph calls: 230 ms a step against 153-178 ms at the 1.1B
-    benchmark (H200, docs/BENCHMARKS.md).
-    """
-    return torch.compile(layer.forward, backend=_inductor_recomputing_whole_layers)
-
-
 def _inductor_recomputing_whole_layers(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
     """Inductor with ``_RecomputeWholeLayer`` on the joint graph; one function, so every layer shares a graph (a
-    backend made per ``torch.compile`` call, as ``options=`` makes, would compile each layer anew)."""
+    backend made per ``torch.compile`` call, as ``options=`` makes, would compile each layer anew).
+
+    Checkpointing from outside the graph instead (a plain non-reentrant checkpoint around the compiled body) keeps
+    as little, but runs the forward twice as separate graph calls: 230 ms a step against 153-178 ms at the 1.1B
+    benchmark (H200, docs/BENCHMARKS.md).
+    """
     from torch._inductor.compile_fx import compile_fx
 
     with torch._inductor.config.patch(joint_custom_pre_pass=_RecomputeWholeLayer()):
