@@ -18,6 +18,7 @@ up to ``kernels``:
     kernels  + liger's RMSNorm, SwiGLU and rope                                  (nf4 finetune on CUDA)
     compiled          lora + loss, each decoder layer under torch.compile (the eager step is host-bound)
     compiled-kernels  kernels + torch.compile of each decoder layer
+    compiled-swiglu   lora + loss + liger's SwiGLU, compiled layers     (nf4 finetune --compile on CUDA)
 
 The compiled variants compile on their first warm-up step (one graph for all layers, tens of seconds), which
 is never timed; ``first_step_s`` reports it.
@@ -30,7 +31,8 @@ median tokens/s and step time over its rounds and the highest peak.
 Every variant trains the same random model on the same tokens, so the nf4 variants' first losses agree to bf16
 rounding (hf's differs a little: its residual stream is fp32). The peak is
 ``torch.cuda.max_memory_allocated`` over steps 2.. (model building excluded, for every variant); the first step's
-peak, which includes compiling where a variant compiles, is reported apart as ``first_step_peak_gib``.
+peak, which includes compiling where a variant compiles, is reported apart as ``first_step_peak_gib``;
+``reserved_gib`` is what the caching allocator held (``max_memory_reserved``, same steps).
 
     PYTHONPATH=src python benchmarks/qlora_step.py                       # all of them, 6 timed steps after 2
     PYTHONPATH=src python benchmarks/qlora_step.py --variants plain,kernels --layers 4
@@ -63,7 +65,17 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 import torch  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("hf-anchor", "hf", "plain", "lora", "loss", "kernels", "compiled", "compiled-kernels")
+VARIANTS = (
+    "hf-anchor",
+    "hf",
+    "plain",
+    "lora",
+    "loss",
+    "kernels",
+    "compiled",
+    "compiled-kernels",
+    "compiled-swiglu",
+)
 BASELINES = ("hf-anchor", "hf")
 # The nf4.fused steps each nf4 variant switches on (cumulative).
 STEPS = {
@@ -73,6 +85,7 @@ STEPS = {
     "kernels": ("lora", "loss", "norm", "swiglu", "rope"),
     "compiled": ("lora", "loss", "compile"),
     "compiled-kernels": ("lora", "loss", "norm", "swiglu", "rope", "compile"),
+    "compiled-swiglu": ("lora", "loss", "swiglu", "compile"),
 }
 
 
@@ -146,9 +159,9 @@ def build_hf(recipe: str, layers: int, device: str, dtype: torch.dtype) -> tuple
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def peak_gib(device: str) -> float:
+def peak_gib(device: str, reserved: bool = False) -> float:
     if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
+        return (torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
@@ -201,7 +214,8 @@ def run_one(
                 torch.cuda.reset_peak_memory_stats()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    peak = peak_gib(device)  # steps 2.. (the steady state): read before the diagnostic steps below
+    peak = peak_gib(device)  # steps 2.. (the steady state): read before the diagnostics below
+    reserved = peak_gib(device, reserved=True)
     saved = fused.saved_for_backward(model, loss_of_step) / 2**30  # outside eager checkpoints
     opt.zero_grad(set_to_none=True)
     if profile:
@@ -224,6 +238,7 @@ def run_one(
         "step_ms": round(step * 1e3, 2),
         "first_step_s": round(first, 2),
         "peak_gib": round(peak, 3),
+        "reserved_gib": round(reserved, 3),
         "first_step_peak_gib": round(first_peak, 3),
         "saved_gib": round(saved, 3),
         "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),

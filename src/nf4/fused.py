@@ -46,6 +46,7 @@ from nf4 import lora
 
 STEPS = ("lora", "loss", "norm", "swiglu", "rope", "compile")
 LIGER_STEPS = ("loss", "norm", "swiglu", "rope")
+COMPILED_BY_INDUCTOR = ("norm", "rope")  # liger steps left out under compile (default_steps says why)
 _MODEL_TYPES = ("llama",)  # where the liger steps are checked to be the same maths (SmolLM2 is a Llama)
 
 
@@ -71,12 +72,16 @@ def _liger_problem(model: nn.Module) -> str | None:
     return None
 
 
-def default_steps(model: nn.Module, requested: bool | None = None) -> tuple[str, ...]:
-    """The steps for ``nf4 finetune --fused`` (True), ``--no-fused`` (False) or neither (None).
+def default_steps(model: nn.Module, requested: bool | None = None, compile: bool = False) -> tuple[str, ...]:
+    """The steps for ``nf4 finetune --fused`` (True), ``--no-fused`` (False) or neither (None), ``--compile``.
 
     None picks every step that pays on the model's device: ``lora`` and the liger steps on CUDA with liger
     installed, ``lora`` alone on CUDA without it, none on CPU (whose plain path is the measured one in
-    docs/QLORA.md). ``compile`` is opt-in: its first step compiles for tens of seconds.
+    docs/QLORA.md). ``compile`` is opt-in (its first step compiles for tens of seconds) and drops ``norm`` and
+    ``rope`` (``COMPILED_BY_INDUCTOR``): inductor fuses those itself, while liger's kernels inside a compiled graph
+    are launched from Python on every call and their inputs copied first (torch cannot read which arguments they
+    write): 186 ms a step with them against 145 ms with liger's SwiGLU alone, which keeps its memory saving
+    (H200, docs/BENCHMARKS.md).
 
     Raises:
         ValueError: ``requested`` is True and the liger steps cannot run (the message says why).
@@ -86,9 +91,10 @@ def default_steps(model: nn.Module, requested: bool | None = None) -> tuple[str,
     problem = _liger_problem(model)
     if requested and problem:
         raise ValueError(f"--fused: {problem}")
-    if problem is None:
-        return ("lora", *LIGER_STEPS)
-    return ("lora",) if _device(model).type == "cuda" else ()
+    steps = ("lora", *LIGER_STEPS) if problem is None else ("lora",) if _device(model).type == "cuda" else ()
+    if compile:
+        return (*(s for s in steps if s not in COMPILED_BY_INDUCTOR), "compile")
+    return steps
 
 
 def enable(model: nn.Module, steps: Iterable[str] | None = None) -> nn.Module:

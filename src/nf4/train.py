@@ -499,7 +499,7 @@ def train(
     if args.gradient_checkpointing:
         lora.enable_gradient_checkpointing(model)
     try:
-        fused.enable(model, fused.default_steps(model, args.fused) + (("compile",) if args.compile else ()))
+        fused.enable(model, fused.default_steps(model, args.fused, compile=args.compile))
     except ValueError as e:
         raise TrainingError(str(e)) from e
     params = lora.lora_parameters(model)

@@ -45,6 +45,7 @@ def gpu_model() -> torch.nn.Module:
 def test_fused_steps_match_plain_path(steps: tuple[str, ...]) -> None:
     plain, fast = gpu_model(), fused.enable(gpu_model(), steps)
     assert fused.default_steps(fast) == ("lora", *fused.LIGER_STEPS)
+    assert fused.default_steps(fast, compile=True) == ("lora", "loss", "swiglu", "compile")
     ids = torch.randint(0, 1000, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     labels = ids.clone()
     labels[:, :40] = train.IGNORE
