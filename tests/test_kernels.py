@@ -47,6 +47,18 @@ def test_quantize_and_dequantize_equal_reference(quant_type: str, blocksize: int
             assert torch.equal(out, format.dequantize(q, dtype).view(-1))
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_quantize_flushes_subnormals_beside_a_tiny_absmax(quant_type: str) -> None:
+    """A subnormal x is coded as 0 only because it is flushed first; that shows where the block's absmax is barely
+    normal (x / absmax ~ 0.67 otherwise). The kernel flushes per program only when such a block is in it."""
+    x = torch.randn(64 * 300) * 3
+    x[64 * 200 : 64 * 201] = torch.linspace(-1.5e-38, 1.5e-38, 64)  # absmax 1.5e-38, the rest mostly subnormal
+    data, absmax = kquantize.quantize_4bit(x, quant_type, 64)
+    ref = format.quantize(x, quant_type, 64, double_quant=False)
+    assert torch.equal(data, ref.data) and torch.equal(absmax, ref.absmax)
+    assert len(set(ref.data[64 * 100 : 64 * 100 + 32].flatten().tolist())) > 1  # the block is not all one code
+
+
 def test_double_quantize_many_nested_blocks() -> None:
     absmax = torch.rand(256 * 3 + 5) * 4
     codes, nested_absmax, offset = kquantize.double_quantize(absmax, format._dynamic_map(absmax.device))

@@ -21,20 +21,48 @@ _ELEMENTS_PER_PROGRAM = 8192
 # Codes of scaled values y in [-1, 1] (NaN, from an all-zero block, gives 0 as every comparison is false):
 #   nf4/int4: code = #{thresholds t : y > t}                       (ties to the lower code)
 #   fp4:      code = code_of_rank[#{t : |y| > t}] | (y < 0) << 3  (sign-magnitude)
+# The count over the 15 sorted thresholds (int4's 14 padded with +inf) is a 4-step binary search: the threshold
+# of each step picked by selects on the scalars, ~20 operations an element against ~45 for 15 comparisons.
+@triton.jit
+def _load4(ptr):
+    return tl.load(ptr), tl.load(ptr + 1), tl.load(ptr + 2), tl.load(ptr + 3)
+
+
 @triton.jit
 def _encode(y, thresholds_ptr, code_of_rank_ptr, NTHRESHOLDS: tl.constexpr, SIGN_MAGNITUDE: tl.constexpr):
-    v = tl.abs(y) if SIGN_MAGNITUDE else y
-    rank = tl.zeros(y.shape, tl.int32)
-    for i in tl.static_range(NTHRESHOLDS):
-        rank += (v > tl.load(thresholds_ptr + i)).to(tl.int32)
     if SIGN_MAGNITUDE:
+        v = tl.abs(y)
+        rank = tl.zeros(y.shape, tl.int32)
+        for i in tl.static_range(NTHRESHOLDS):
+            rank += (v > tl.load(thresholds_ptr + i)).to(tl.int32)
         return tl.load(code_of_rank_ptr + rank) | ((y < 0).to(tl.int32) << 3)
     else:
-        return rank
+        t0, t1, t2, t3 = _load4(thresholds_ptr)
+        t4, t5, t6, t7 = _load4(thresholds_ptr + 4)
+        t8, t9, t10, t11 = _load4(thresholds_ptr + 8)
+        t12, t13, t14, _ = _load4(thresholds_ptr + 12)
+        b3 = y > t7
+        b2 = y > tl.where(b3, t11, t3)
+        b1 = y > tl.where(b3, tl.where(b2, t13, t9), tl.where(b2, t5, t1))
+        last = tl.where(
+            b3,
+            tl.where(b2, tl.where(b1, t14, t12), tl.where(b1, t10, t8)),
+            tl.where(b2, tl.where(b1, t6, t4), tl.where(b1, t2, t0)),
+        )
+        b0 = y > last
+        return b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
 
 
-# A program quantizes NB whole blocks, loaded as [NB, BS/2, 2] so that the pair (2j, 2j+1) splits into the
-# high and low nibble of byte j.   x <- flush(x);  absmax_b = max |x| over block b;  y = flush(x * rcp(absmax_b)).
+@triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+# A program quantizes NB whole blocks, loaded as [NB, BS] (16-byte loads along a block), then split into pairs
+# (2j, 2j+1) for the high and low nibble of byte j.   x <- flush(x);  absmax_b = max |x| over block b (NaN if any
+# x is);  y = x * rcp(absmax_b), flushed where the sign is coded (fp4; a subnormal y codes as 0 everywhere else).
+# Compiled for sm_90 (nf4, bf16, 8192 elements, 8 warps): 16-byte loads, ~43 instructions an element where the
+# [NB, BS/2, 2] tile of the first version had 2-byte loads, 15 comparisons and 256 shuffles a thread.
 @triton.jit
 def _quantize_kernel(
     x_ptr,
@@ -53,16 +81,17 @@ def _quantize_kernel(
 ):
     HB: tl.constexpr = BLOCKSIZE // 2
     blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)  # [NB]
+    elem = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # [NB, BS]
+    x = tl.load(x_ptr + elem, mask=elem < n, other=0.0).to(tl.float32)
+    absmax = flush(tl.reduce(tl.abs(x), 1, _max_keeping_nan))  # [NB] = max |flush(x)|: flush is monotone
+    # Flushing x itself changes a code only where a subnormal x meets an absmax under ~2**-121 (else |y| < 0.04,
+    # coded as 0 is; fp4 codes the sign, so it always flushes): one test per program instead of 3 ops an element.
+    if SIGN_MAGNITUDE or tl.min(absmax) < 2.0**-121:
+        x = flush(x)
+    y = x * reciprocal_approx(absmax, rcp_delta_ptr, INTERPRETED)[:, None]
+    code = _encode(flush(y) if SIGN_MAGNITUDE else y, thresholds_ptr, code_of_rank_ptr, NTHRESHOLDS, SIGN_MAGNITUDE)
+    high, low = tl.split(tl.reshape(code, (NB, HB, 2)))
     pair = blk[:, None] * HB + tl.arange(0, HB)[None, :]  # [NB, HB] = byte index
-    elem = pair[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]  # [NB, HB, 2]
-    x = flush(tl.load(x_ptr + elem, mask=elem < n, other=0.0).to(tl.float32))
-    absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)  # [NB]
-    # GPU max drops NaN; a NaN input must still give a NaN absmax, which the caller rejects
-    has_nan = tl.max(tl.max((x != x).to(tl.int32), axis=2), axis=1) > 0
-    absmax = tl.where(has_nan, float("nan"), absmax).to(tl.float32)
-    y = flush(x * reciprocal_approx(absmax, rcp_delta_ptr, INTERPRETED)[:, None, None])
-    code = _encode(y, thresholds_ptr, code_of_rank_ptr, NTHRESHOLDS, SIGN_MAGNITUDE)
-    high, low = tl.split(code)
     tl.store(data_ptr + pair, ((high << 4) | low).to(tl.uint8), mask=pair < (n + 1) // 2)
     tl.store(absmax_ptr + blk, absmax, mask=blk < nblocks)
 
@@ -117,8 +146,9 @@ def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.
         if quant_type == "fp4":
             thresholds = torch.tensor(codebook.FP4_MAGNITUDE_THRESHOLDS, dtype=torch.float32)
             code_of_rank = torch.tensor(codebook.FP4_CODE_OF_RANK, dtype=torch.int32)
-        else:
+        else:  # padded to 16 with +inf (int4 has 14): no y is above it; the 16th is never compared
             thresholds = format._thresholds(quant_type, torch.device("cpu"))
+            thresholds = torch.cat([thresholds, torch.full((16 - thresholds.numel(),), float("inf"))])
             code_of_rank = torch.zeros(1, dtype=torch.int32)
         _TABLES[key] = (thresholds.to(device), code_of_rank.to(device))
     return _TABLES[key]
