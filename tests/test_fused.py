@@ -30,6 +30,7 @@ def test_cpu_defaults_to_the_plain_path_and_refuses_liger_clearly() -> None:
     assert fused.default_steps(model) == ()
     assert fused.default_steps(model, False) == ()
     assert fused.default_steps(model, compile=True) == ("compile",)
+    assert fused.default_steps(model, False, compile=True) == ("compile",)  # --no-fused --compile
     with pytest.raises(ValueError, match="Triton GPU kernels; the model is on cpu"):
         fused.default_steps(model, True)
     with pytest.raises(ValueError, match=r"cannot enable \['loss'\]"):

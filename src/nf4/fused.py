@@ -87,12 +87,13 @@ def default_steps(model: nn.Module, requested: bool | None = None, compile: bool
     Raises:
         ValueError: ``requested`` is True and the liger steps cannot run (the message says why).
     """
-    if requested is False:
-        return ()
     problem = _liger_problem(model)
     if requested and problem:
         raise ValueError(f"--fused: {problem}")
-    steps = ("lora", *LIGER_STEPS) if problem is None else ("lora",) if _device(model).type == "cuda" else ()
+    if requested is False:
+        steps: tuple[str, ...] = ()
+    else:
+        steps = ("lora", *LIGER_STEPS) if problem is None else ("lora",) if _device(model).type == "cuda" else ()
     if compile:
         return (*(s for s in steps if s not in COMPILED_BY_INDUCTOR), "compile")
     return steps
