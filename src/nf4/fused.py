@@ -80,9 +80,9 @@ def default_steps(model: nn.Module, requested: bool | None = None, compile: bool
     installed, ``lora`` alone on CUDA without it, none on CPU (whose plain path is the measured one in
     docs/QLORA.md). ``compile`` is opt-in (its first step compiles for tens of seconds) and drops ``norm`` and
     ``rope`` (``COMPILED_BY_INDUCTOR``): inductor fuses those itself, while liger's kernels inside a compiled graph
-    are launched from Python on every call and their inputs copied first (torch cannot read which arguments they
-    write): 186 ms a step with them against 145 ms with liger's SwiGLU alone, which keeps its memory saving
-    (H200, docs/BENCHMARKS.md).
+    cost host time and have their inputs copied first (torch cannot read which arguments they write). On an H200
+    (one call): 186 ms a step with every liger kernel compiled in, 143 ms with none; liger's SwiGLU, kept, takes
+    0.17 GiB off the peak (docs/BENCHMARKS.md).
 
     Raises:
         ValueError: ``requested`` is True and the liger steps cannot run (the message says why).
