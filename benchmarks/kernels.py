@@ -203,9 +203,11 @@ def decode_step() -> None:
         for w in weights:
             xs[w.shape[1]] @ w.T
 
+    offsets = [torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda") for q in ours]  # as LinearNF4 holds it
+
     def step_ours() -> None:
-        for q in ours:
-            ops.matmul(xs[q.shape[1]], q)
+        for q, off in zip(ours, offsets, strict=True):
+            ops.matmul(xs[q.shape[1]], q, offset=off)
 
     def step_bnb() -> None:
         for bq, st in theirs:

@@ -11,6 +11,7 @@ of kernels.py. Prints one JSON line per measurement and a table last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -28,9 +29,22 @@ from nf4.kernels import gemv as kgemv
 SHAPES = {"70B_up": (28672, 8192), "70B_down": (8192, 28672), "8B_up": (14336, 4096), "8B_down": (4096, 14336),
           "8B_qo": (4096, 4096)}  # fmt: skip
 MS = (1,)
-# (block_n, kb, num_warps, num_stages)
-TILES = [(16, 8, 4, 3), (32, 8, 4, 3), (64, 4, 8, 3)]
-CONFIGS = [kgemv.GemvConfig(*t) for t in TILES]
+
+
+def variants(n: int, k: int) -> dict[str, kgemv.GemvConfig]:
+    """M = 1 configs timed per shape: the shape's default and single changes to it."""
+    d = kgemv.default_config(n, k, 64)
+    return {
+        "default": d,
+        "split/2": dataclasses.replace(d, split_k=max(1, d.split_k // 2)),
+        "split*2": dataclasses.replace(d, split_k=d.split_k * 2),
+        "no-prefetch": dataclasses.replace(d, prefetch=False),
+        "rows16-warps2": dataclasses.replace(d, block_n=16, num_warps=2),
+        "rows64": dataclasses.replace(d, block_n=64),
+        "rows8-nbk8": dataclasses.replace(d, block_n=8, nbk=8),
+    }
+
+
 DEQUANT = [(4096, 4), (4096, 8), (8192, 8), (16384, 8), (16384, 16), (32768, 16)]
 ROTATE_BYTES = 256 << 20
 ROWS: list[dict] = []
@@ -88,10 +102,10 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool) ->
                                       blocksize=64, compress_statistics=True) for _ in range(copies)]  # fmt: skip
             row["bnb_ms"] = round(graph_ms([lambda b=b, x=x: bnb.matmul_4bit(x, b[0].t(), b[1]) for b in bqs]), 4)
             del bqs
-        variants = [(c, "/".join(str(v) for v in c.__dict__.values()), kgemv.gemv) for c in CONFIGS]
+        todo = [(c, key, kgemv.gemv) for key, c in variants(n, k).items()]
         if baseline is not None:
-            variants.append((None, "baseline", baseline.gemv))
-        for cfg, key, fn in variants:
+            todo.append((None, "baseline", baseline.gemv))
+        for cfg, key, fn in todo:
             try:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)  # fresh input for every check
                 ref = x.double() @ w0.T
@@ -144,6 +158,11 @@ def main() -> None:
         import kernels  # benchmarks/kernels.py, beside this file
 
         kernels.decode_step()
+        kernels.RESULTS[-1]["gemv"] = "gemv.py"
+        if baseline is not None:  # the same step with --baseline's kernel behind ops.matmul
+            ops._kgemv = baseline
+            kernels.decode_step()
+            kernels.RESULTS[-1]["gemv"] = args.baseline
         ROWS.extend(kernels.RESULTS)
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(ROWS, f, indent=1)

@@ -78,18 +78,37 @@ def test_quantize_nan_gives_nan_absmax() -> None:
 TOLERANCE = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}
 
 
-@pytest.mark.parametrize("mnk", [(1, 33, 256), (3, 40, 128), (16, 17, 512), (5, 64, 192)])
+# (n, k, blocksize): a partial row tile (n % 32), a partial last step (3 blocks a row, 2 a step), blocksizes
+# other than 64 (other tiles), and configs: split-K (uneven slices, an empty slice) and no prefetch.
+GEMV_CASES = [(33, 256, 64), (40, 192, 64), (17, 512, 32), (9, 384, 128)]
+GEMV_CONFIGS = [None, kgemv.GemvConfig(block_n=16, split_k=3), kgemv.GemvConfig(block_n=8, split_k=4, prefetch=False)]
+
+
+@pytest.mark.parametrize("nkb", GEMV_CASES)
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=["default", "split3", "split4-noprefetch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_gemv_matches_dequantize_then_fp32_matmul(mnk: tuple, dtype: torch.dtype, double_quant: bool) -> None:
-    m, n, k = mnk
-    q = format.quantize(torch.randn(n, k), blocksize=64 if k % 64 == 0 else 32, double_quant=double_quant)
-    x = torch.randn(m, k, dtype=dtype)
+def test_gemv_matches_dequantize_then_fp32_matmul(
+    nkb: tuple, config: kgemv.GemvConfig | None, dtype: torch.dtype, double_quant: bool
+) -> None:
+    n, k, blocksize = nkb
+    q = format.quantize(torch.randn(n, k), blocksize=blocksize, double_quant=double_quant)
+    x = torch.randn(1, k, dtype=dtype)
     bias = torch.randn(n, dtype=dtype)
-    out = kgemv.gemv(x, *_qargs(q), n, bias)
+    out = kgemv.gemv(x, *_qargs(q), n, bias, config)
     ref = x.float() @ format.dequantize(q, dtype).float().T + bias.float()
-    assert out.dtype == dtype and out.shape == (m, n)
+    assert out.dtype == dtype and out.shape == (1, n)
     assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
+
+
+def test_gemv_reads_x_through_a_view() -> None:
+    # x as a strided view (a column of a matrix), and at an odd element offset: both are copied once, aligned
+    q = format.quantize(torch.randn(8, 128), double_quant=False)
+    big = torch.randn(129, 3, dtype=torch.bfloat16)
+    for x in (big[:128, 1].unsqueeze(0), big.flatten()[1:129].unsqueeze(0)):
+        ref = x.float() @ format.dequantize(q, torch.bfloat16).float().T
+        out = kgemv.gemv(x, *_qargs(q), 8, None)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.bfloat16]
 
 
 def test_gemv_rejects_partial_blocks_per_row() -> None:

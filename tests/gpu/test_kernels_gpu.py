@@ -88,9 +88,11 @@ def test_compile_fullgraph() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_gemv_decode_sizes(dtype: torch.dtype, double_quant: bool) -> None:
-    # the M = 1 kernel at a real size, each x dtype (read as element pairs), rows that end a partial row tile
-    n, k = 4100, 4096
+@pytest.mark.parametrize("nk", [(4100, 4096), (4097, 4160), (11, 14336), (28672, 8192)])
+def test_gemv_decode_sizes(dtype: torch.dtype, double_quant: bool, nk: tuple) -> None:
+    # the M = 1 kernel at real sizes, each x dtype: rows that end a partial row tile, rows of 65 blocks (a
+    # partial last step), few rows (the most split-K), a 70B projection
+    n, k = nk
     q = ops.quantize(torch.randn(n, k, device="cuda"), double_quant=double_quant)
     x = torch.randn(k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)

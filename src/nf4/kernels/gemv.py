@@ -1,12 +1,20 @@
-"""Fused dequantize-matmul for small M (decode): out = x @ W^T (+ bias), W read once as 4-bit codes.
+"""Fused dequantize-matvec for decode (M = 1): out = x @ W^T (+ bias), W streamed once as 4-bit codes.
 
-At M <= 16 the product is bound by streaming W: 0.5 byte/param (+ absmax) instead of bf16's 2, so the
-ceiling is ~3.9x bf16's speed. Each program owns BLOCK_N rows of W and walks K; it decodes a tile in
-registers and never writes W out. W is the left operand (swap-AB: out^T = W x^T), so a tensor-core tile
-needs 16 rows of x at most and M = 1 uses plain fp32 FMAs.
+At M = 1 the product is bound by streaming W: 0.5 byte/param (+ absmax) instead of bf16's 2, so the ceiling
+is ~3.9x bf16's speed. Each program owns BLOCK_N rows of W and one of SPLIT_K slices of K; it decodes a
+[BLOCK_N, NBK, blocksize/2] tile of code bytes per step in registers and never writes W out. What the H200
+sweeps taught (docs/BENCHMARKS_GPU.md):
+- the levels come from a 16-entry table in shared memory (``tl.gather``): a 32-bit address and no bank
+  conflicts, where a gather through L1 costs a 64-bit address and a load-unit slot per element;
+- x is read as 32-bit words of two elements, word j beside code byte j, in the layout of the code tile: the
+  x tile per step must have fewer elements than the program has threads, or Triton stages it through shared
+  memory each step;
+- the absmax multiplies a block's sum once, not each element;
+- split-K: with one program per row tile, the GPU holds too few loads in flight (N = 4096 gives 128 programs).
+  The slices' fp32 sums go to a [SPLIT_K, N] buffer that a second small kernel adds up in a fixed order, so
+  the result does not depend on timing.
 
-Needs K % blocksize == 0 (a row is whole blocks, rows start on a byte); other shapes take the
-dequantize + cuBLAS path (gemm.py).
+Needs K % blocksize == 0 (a row is whole blocks); other shapes take dequantize + cuBLAS (gemm.py).
 """
 
 from __future__ import annotations
@@ -20,12 +28,15 @@ from torch.library import wrap_triton
 
 from nf4.kernels.common import interpreted, load_absmax, round_to
 
+# x is read as words of two consecutive elements: word j = (x[2j] low half, x[2j + 1] high half).
+_WORD = {torch.bfloat16: torch.int32, torch.float16: torch.int32}
 
-# Tile: BLOCK_N rows of W x KB blocks of BS elements, held as codes [BLOCK_N, KB, BS/2] (byte j -> k = 2j, 2j+1).
-#   w_hi[n, b, j] = quant_map[code >> 4] * absmax  multiplies x[m, k0 + b*BS + 2j]
-#   w_lo[n, b, j] = quant_map[code & 15] * absmax  multiplies x[m, k0 + b*BS + 2j + 1]
-#   USE_DOT:  acc[n, m] += w_hi @ x_even^T + w_lo @ x_odd^T   (tensor cores, W cast to x's dtype as dequantize does)
-#   else:     acc[n, b, j] += w_hi * x_even + w_lo * x_odd      (M = 1, fp32 FMAs, reduced once at the end)
+
+# Step s of a program covers blocks [s*NBK, (s+1)*NBK) of its rows, byte j of block b holding the codes of
+# elements 2j (high nibble) and 2j+1 (low nibble):
+#   sum[n, b] = sum_j quant_map[code >> 4] * x[2j] + quant_map[code & 15] * x[2j + 1]      (fp32)
+#   acc[n, b] += sum[n, b] * absmax[n, b]
+# and the program's result is acc summed over b, for its slice of K.
 @triton.jit
 def _gemv_kernel(
     x_ptr,
@@ -37,91 +48,120 @@ def _gemv_kernel(
     nested_offset_ptr,
     bias_ptr,
     out_ptr,
-    M,
     N,
     K,
-    stride_xm,
-    stride_om,
     BLOCKSIZE: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    X_KIND: tl.constexpr,  # 0: bf16 words, 1: fp16 words, 2: fp32 elements
     BLOCK_N: tl.constexpr,
-    KB: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    NBK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     HB: tl.constexpr = BLOCKSIZE // 2
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_mask = rn < N
-    rn64 = tl.where(n_mask, rn, 0).to(tl.int64)
-    kb = tl.arange(0, KB)
-    j = tl.arange(0, HB)
+    BKB: tl.constexpr = NBK * HB
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.minimum(rows, N - 1)  # rows past N repeat the last one; their results are not stored
     blocks_per_row = K // BLOCKSIZE
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, KB, HB), tl.float32)
-    for b0 in range(0, blocks_per_row, KB):
-        blk = b0 + kb  # block index along the row, [KB]
-        b_mask = n_mask[:, None] & (blk < blocks_per_row)[None, :]  # [BLOCK_N, KB]
-        flat_blk = rn64[:, None] * blocks_per_row + blk[None, :]
-        byte = flat_blk[:, :, None] * HB + j[None, None, :]
-        code = tl.load(data_ptr + byte, mask=b_mask[:, :, None], other=0).to(tl.int32)
-        absmax = load_absmax(
-            absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr, flat_blk, b_mask,
-            DOUBLE_QUANT, INTERPRETED,
-        )[:, :, None]  # fmt: skip
-        w_hi = tl.load(quant_map_ptr + (code >> 4)) * absmax
-        w_lo = tl.load(quant_map_ptr + (code & 15)) * absmax
-        k_even = blk[:, None] * BLOCKSIZE + 2 * j[None, :]  # [KB, HB]
-        k_mask = (blk < blocks_per_row)[:, None]
-        if USE_DOT:
-            x_even_ptr = x_ptr + rm[None, None, :] * stride_xm + k_even[:, :, None]  # [KB, HB, BLOCK_M]
-            x_mask = k_mask[:, :, None] & (rm < M)[None, None, :]
-            x_even = tl.reshape(tl.load(x_even_ptr, mask=x_mask, other=0.0), (KB * HB, BLOCK_M))
-            x_odd = tl.reshape(tl.load(x_even_ptr + 1, mask=x_mask, other=0.0), (KB * HB, BLOCK_M))
-            dtype: tl.constexpr = x_ptr.dtype.element_ty
-            w_hi = round_to(tl.reshape(w_hi, (BLOCK_N, KB * HB)), dtype, INTERPRETED)
-            w_lo = round_to(tl.reshape(w_lo, (BLOCK_N, KB * HB)), dtype, INTERPRETED)
-            if INTERPRETED:  # numpy's matmul has no bf16: multiply the (exactly widened) values in fp32
-                w_hi, w_lo = w_hi.to(tl.float32), w_lo.to(tl.float32)
-                x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
-            precision: tl.constexpr = "ieee" if dtype == tl.float32 else "tf32"
-            acc = tl.dot(w_hi, x_even, acc, input_precision=precision)
-            acc = tl.dot(w_lo, x_odd, acc, input_precision=precision)
+    steps = tl.cdiv(blocks_per_row, NBK)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    s0 = tl.program_id(1) * per_split
+    s1 = tl.minimum(s0 + per_split, steps)
+    j = tl.arange(0, NBK)[:, None] * HB + tl.arange(0, HB)[None, :]  # [NBK, HB] byte of the step
+    kb = tl.arange(0, NBK)
+    code_ptr = data_ptr + rn.to(tl.int64)[:, None, None] * (blocks_per_row * HB) + j[None, :, :]
+    table = tl.load(quant_map_ptr + tl.arange(0, 16))
+    zero = tl.zeros((BLOCK_N, NBK, HB), tl.int32)
+    acc = tl.zeros((BLOCK_N, NBK), tl.float32)
+    # A partial last step (blocks_per_row % NBK) is masked per block, which keeps the loads 16 bytes wide.
+    nxt = tl.load(code_ptr + s0 * BKB, mask=zero + s0 * BKB + j < blocks_per_row * HB, other=0)
+    for s in range(s0, s1):
+        byte = s * BKB + j  # [NBK, HB]
+        in_row = byte < blocks_per_row * HB
+        if PREFETCH:  # the next step's codes are in flight while this step computes
+            codes = nxt.to(tl.int32)
+            nxt_mask = (zero + byte + BKB < blocks_per_row * HB) & (zero + s + 1 < s1)
+            nxt = tl.load(code_ptr + (s + 1) * BKB, mask=nxt_mask, other=0, eviction_policy="evict_first")
         else:
-            x_even = tl.load(x_ptr + k_even, mask=k_mask, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_ptr + k_even + 1, mask=k_mask, other=0.0).to(tl.float32)
-            acc += w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :]
-    if USE_DOT:
-        result = acc
+            codes = tl.load(code_ptr + s * BKB, mask=(zero + byte) < blocks_per_row * HB, other=0,
+                            eviction_policy="evict_first").to(tl.int32)  # fmt: skip
+        if X_KIND == 2:
+            x_even = tl.load(x_ptr + 2 * byte, mask=in_row, other=0.0)
+            x_odd = tl.load(x_ptr + 2 * byte + 1, mask=in_row, other=0.0)
+        else:
+            word = tl.load(x_ptr + byte, mask=in_row, other=0)
+            if X_KIND == 0:  # bf16 -> fp32 is the 16 bits placed high
+                x_even = (word << 16).to(tl.float32, bitcast=True)
+                x_odd = ((word >> 16) << 16).to(tl.float32, bitcast=True)
+            else:
+                x_even = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                x_odd = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        flat = tl.reshape(codes, (BLOCK_N * BKB,))
+        level_hi = tl.reshape(tl.gather(table, flat >> 4, 0), (BLOCK_N, NBK, HB))
+        level_lo = tl.reshape(tl.gather(table, flat & 15, 0), (BLOCK_N, NBK, HB))
+        block_sum = tl.sum(level_hi * x_even[None, :, :] + level_lo * x_odd[None, :, :], axis=2)
+        blk = s * NBK + kb
+        blk_mask = (rn >= 0)[:, None] & (blk < blocks_per_row)[None, :]
+        absmax = load_absmax(
+            absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
+            rn[:, None] * blocks_per_row + blk[None, :], blk_mask, DOUBLE_QUANT, INTERPRETED,
+        )  # fmt: skip
+        acc += block_sum * absmax
+    result = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + rn).to(tl.float32)
+        tl.store(out_ptr + rows, round_to(result, out_ptr.dtype.element_ty, INTERPRETED), mask=rows < N)
     else:
-        result = tl.sum(tl.sum(acc, axis=2), axis=1)[:, None]  # [BLOCK_N, 1]
+        tl.store(out_ptr + tl.program_id(1) * N + rows, result, mask=rows < N)
+
+
+# out[n] = sum over the SPLIT_K slices of partial[:, n] (+ bias), in slice order, rounded once.
+@triton.jit
+def _split_k_sum_kernel(
+    partial_ptr, bias_ptr, out_ptr, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rn < N
+    total = tl.zeros((BLOCK,), tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(partial_ptr + s * N + rn, mask=mask, other=0.0)
     if HAS_BIAS:
-        result += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    out = out_ptr + rm[None, :] * stride_om + rn[:, None]
-    tl.store(out, round_to(result, out_ptr.dtype.element_ty, INTERPRETED), mask=n_mask[:, None] & (rm < M)[None, :])
+        total += tl.load(bias_ptr + rn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rn, round_to(total, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Tile shape and launch width: BLOCK_N rows of W per program, KB blocks of K per step."""
+    """BLOCK_N rows of W per program, NBK blocks of K per step, K cut into split_k slices."""
 
-    block_n: int
-    kb: int
-    num_warps: int
-    num_stages: int
-    block_m: int = 16
+    block_n: int = 32
+    nbk: int = 2
+    num_warps: int = 4
+    split_k: int = 1
+    prefetch: bool = True
 
 
-def default_config(m: int, n: int, blocksize: int) -> GemvConfig:
-    """Per-program bytes of W in flight ~2-8 KiB; at least ~2 programs per SM on 8B-sized N."""
-    kb = max(1, 512 // blocksize)
-    if m == 1:
-        return GemvConfig(block_n=16 if n <= 8192 else 32, kb=kb, num_warps=4, num_stages=3)
-    return GemvConfig(block_n=32, kb=kb, num_warps=4, num_stages=2)
+# Programs the launch aims for: a 28672-row weight has 896 row tiles, and there split-K 4-8 still measured
+# faster than 1; at N = 4096 the same count needs split-K 32.
+_TARGET_PROGRAMS = 4096
+
+
+def default_config(n: int, k: int, blocksize: int) -> GemvConfig:
+    """~2 KiB of codes a step (blocksize 64: 32 rows x 2 blocks, x's 64 words within the 128 threads);
+    split-K doubled while it stays under ~4096 programs and leaves >= 4 steps a slice."""
+    half = blocksize // 2
+    nbk = max(1, 64 // half)
+    block_n = max(1, min(32, 2048 // (nbk * half)))
+    steps = -(-(k // blocksize) // nbk)
+    want = max(1, _TARGET_PROGRAMS // triton.cdiv(n, block_n))
+    split_k = 1
+    while split_k * 2 <= want and steps // (split_k * 2) >= 4:
+        split_k *= 2
+    return GemvConfig(block_n=block_n, nbk=nbk, split_k=split_k)
 
 
 def supported(k: int, blocksize: int) -> bool:
@@ -142,17 +182,24 @@ def gemv(
     bias: torch.Tensor | None,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (row stride free, unit column stride) @ W[n, K]^T (+ bias) -> [M, n] in x's dtype."""
+    """x [1, K] @ W[n, K]^T (+ bias) -> [1, n] in x's dtype."""
     m, k = x.shape
-    assert supported(k, blocksize) and x.stride(1) == 1, (k, blocksize, x.stride())
-    config = config or default_config(m, n, blocksize)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    use_dot = m > 1
-    block_m = config.block_m if use_dot else 1
+    assert m == 1 and supported(k, blocksize), (x.shape, blocksize)
+    config = config or default_config(n, k, blocksize)
+    x = x.reshape(k)
+    if x.dtype in _WORD:
+        if x.stride(0) != 1 or x.data_ptr() % 4:
+            x = x.clone()
+        x_arg, x_kind = x.view(_WORD[x.dtype]), 0 if x.dtype == torch.bfloat16 else 1
+    else:
+        x_arg, x_kind = x.contiguous(), 2
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    split = config.split_k
+    partial = out if split == 1 else torch.empty((split, n), dtype=torch.float32, device=x.device)
     double_quant = nested_absmax is not None
-    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m))
+    grid = (triton.cdiv(n, config.block_n), split)
     wrap_triton(_gemv_kernel)[grid](
-        x,
+        x_arg,
         data,
         absmax,
         quant_map,
@@ -160,21 +207,24 @@ def gemv(
         nested_quant_map if double_quant else quant_map,
         nested_offset if double_quant else absmax,
         bias if bias is not None else out,
-        out,
-        m,
+        partial,
         n,
         k,
-        x.stride(0),
-        out.stride(0),
         BLOCKSIZE=blocksize,
         DOUBLE_QUANT=double_quant,
         HAS_BIAS=bias is not None,
-        BLOCK_M=block_m,
+        X_KIND=x_kind,
         BLOCK_N=config.block_n,
-        KB=config.kb,
-        USE_DOT=use_dot,
+        NBK=config.nbk,
+        SPLIT_K=split,
+        PREFETCH=config.prefetch,
         INTERPRETED=interpreted(),
         num_warps=config.num_warps,
-        num_stages=config.num_stages,
     )
+    if split > 1:
+        block = 1024
+        wrap_triton(_split_k_sum_kernel)[(triton.cdiv(n, block),)](
+            partial, bias if bias is not None else out, out, n, SPLIT_K=split, HAS_BIAS=bias is not None,
+            BLOCK=block, INTERPRETED=interpreted(), num_warps=4,
+        )  # fmt: skip
     return out
