@@ -88,24 +88,26 @@ GEMV_CONFIGS = [None, kgemv.GemvConfig(block_n=16, split_k=3), kgemv.GemvConfig(
 @pytest.mark.parametrize("config", GEMV_CONFIGS, ids=["default", "split3", "split4-noprefetch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("m", [1, 3])
 def test_gemv_matches_dequantize_then_fp32_matmul(
-    nkb: tuple, config: kgemv.GemvConfig | None, dtype: torch.dtype, double_quant: bool
+    nkb: tuple, config: kgemv.GemvConfig | None, dtype: torch.dtype, double_quant: bool, m: int
 ) -> None:
     n, k, blocksize = nkb
     q = format.quantize(torch.randn(n, k), blocksize=blocksize, double_quant=double_quant)
-    x = torch.randn(1, k, dtype=dtype)
+    x = torch.randn(m, k, dtype=dtype)
     bias = torch.randn(n, dtype=dtype)
     out = kgemv.gemv(x, *_qargs(q), n, bias, config)
     ref = x.float() @ format.dequantize(q, dtype).float().T + bias.float()
-    assert out.dtype == dtype and out.shape == (1, n)
+    assert out.dtype == dtype and out.shape == (m, n)
     assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
 
 
 def test_gemv_reads_x_through_a_view() -> None:
-    # x as a strided view (a column of a matrix), and at an odd element offset: both are copied once, aligned
+    # x as views: a column of a matrix, at an odd element offset, rows of an odd stride, 4 rows (MAX_M)
     q = format.quantize(torch.randn(8, 128), double_quant=False)
-    big = torch.randn(129, 3, dtype=torch.bfloat16)
-    for x in (big[:128, 1].unsqueeze(0), big.flatten()[1:129].unsqueeze(0)):
+    big = torch.randn(129, 9, dtype=torch.bfloat16)
+    views = (big[:128, 1].unsqueeze(0), big.flatten()[1:129].unsqueeze(0), big.T[:4, :128], big.T[5:, 1:])
+    for x in views:
         ref = x.float() @ format.dequantize(q, torch.bfloat16).float().T
         out = kgemv.gemv(x, *_qargs(q), 8, None)
         assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.bfloat16]

@@ -34,9 +34,6 @@ if HAS_TRITON:
     from nf4.kernels import gemv as _kgemv
     from nf4.kernels import quantize as _kquantize
 
-# Up to this many rows of x, the fused kernel (W streamed once as 4-bit) beats dequantize + cuBLAS. Measured on
-# an H200 (docs/BENCHMARKS_GPU.md): a per-block tensor-core variant (M = 1..16) measured slower than both.
-GEMV_MAX_M = 1
 
 _op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
 
@@ -123,7 +120,7 @@ def _matmul_impl(
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     qargs = (data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, out_features, bias)
-    if _on_gpu(x) and _kgemv.supported(k, blocksize) and x2.shape[0] <= GEMV_MAX_M:
+    if _on_gpu(x) and _kgemv.supported(k, blocksize) and x2.shape[0] <= _kgemv.MAX_M:
         out = _kgemv.gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), *qargs)
     elif _on_gpu(x):
         out = _kgemm.gemm(x2, *qargs)

@@ -89,15 +89,16 @@ def test_compile_fullgraph() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("nk", [(4100, 4096), (4097, 4160), (11, 14336), (28672, 8192)])
-def test_gemv_decode_sizes(dtype: torch.dtype, double_quant: bool, nk: tuple) -> None:
-    # the M = 1 kernel at real sizes, each x dtype: rows that end a partial row tile, rows of 65 blocks (a
-    # partial last step), few rows (the most split-K), a 70B projection
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_decode_sizes(dtype: torch.dtype, double_quant: bool, nk: tuple, m: int) -> None:
+    # the fused kernel (M <= 4) at real sizes, each x dtype: rows that end a partial row tile, rows of 65 blocks
+    # (a partial last step), few rows (the most split-K), a 70B projection
     n, k = nk
     q = ops.quantize(torch.randn(n, k, device="cuda"), double_quant=double_quant)
-    x = torch.randn(k, device="cuda", dtype=dtype)
+    x = torch.randn(k, device="cuda", dtype=dtype) if m == 1 else torch.randn(m, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
     _poison()
     out = ops.matmul(x, q, bias)
     ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
     rel = ((out.double() - ref).norm() / ref.norm()).item()
-    assert out.dtype == dtype and out.shape == (n,) and rel < {torch.float32: 1e-5}.get(dtype, 4e-3)
+    assert out.dtype == dtype and out.shape == (*x.shape[:-1], n) and rel < {torch.float32: 1e-5}.get(dtype, 4e-3)

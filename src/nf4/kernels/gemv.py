@@ -1,4 +1,4 @@
-"""Fused dequantize-matvec for decode (M = 1): out = x @ W^T (+ bias), W streamed once as 4-bit codes.
+"""Fused dequantize-matmul for decode (M = 1..4): out = x @ W^T (+ bias), W streamed once as 4-bit codes.
 
 At M = 1 the product is bound by streaming W: 0.5 byte/param (+ absmax) instead of bf16's 2, so the ceiling
 is ~3.9x bf16's speed. Each program owns BLOCK_N rows of W and one of SPLIT_K slices of K; it decodes a
@@ -32,11 +32,23 @@ from nf4.kernels.common import interpreted, load_absmax, round_to
 _WORD = {torch.bfloat16: torch.int32, torch.float16: torch.int32}
 
 
+# x[m, 2j] and x[m, 2j + 1] in fp32, for byte positions ``byte`` (x_ptr: row m's words, or elements for fp32).
+@triton.jit
+def _x_pair(x_ptr, byte, mask, X_KIND: tl.constexpr):
+    if X_KIND == 2:
+        return tl.load(x_ptr + 2 * byte, mask=mask, other=0.0), tl.load(x_ptr + 2 * byte + 1, mask=mask, other=0.0)
+    word = tl.load(x_ptr + byte, mask=mask, other=0)
+    if X_KIND == 0:  # bf16 -> fp32 is the 16 bits placed high
+        return (word << 16).to(tl.float32, bitcast=True), ((word >> 16) << 16).to(tl.float32, bitcast=True)
+    x_even = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return x_even, (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
 # Step s of a program covers blocks [s*NBK, (s+1)*NBK) of its rows, byte j of block b holding the codes of
-# elements 2j (high nibble) and 2j+1 (low nibble):
-#   sum[n, b] = sum_j quant_map[code >> 4] * x[2j] + quant_map[code & 15] * x[2j + 1]      (fp32)
-#   acc[n, b] += sum[n, b] * absmax[n, b]
-# and the program's result is acc summed over b, for its slice of K.
+# elements 2j (high nibble) and 2j+1 (low nibble); for each row m of x:
+#   sum[n, b] = sum_j quant_map[code >> 4] * x[m, 2j] + quant_map[code & 15] * x[m, 2j + 1]      (fp32)
+#   acc[n, m] += sum_b sum[n, b] * absmax[n, b]
+# (at M = 1 the sum over b waits until the end). The codes are decoded once for all M rows.
 @triton.jit
 def _gemv_kernel(
     x_ptr,
@@ -48,12 +60,15 @@ def _gemv_kernel(
     nested_offset_ptr,
     bias_ptr,
     out_ptr,
+    M,
     N,
     K,
+    stride_x,
     BLOCKSIZE: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     X_KIND: tl.constexpr,  # 0: bf16 words, 1: fp16 words, 2: fp32 elements
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NBK: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -71,10 +86,14 @@ def _gemv_kernel(
     s1 = tl.minimum(s0 + per_split, steps)
     j = tl.arange(0, NBK)[:, None] * HB + tl.arange(0, HB)[None, :]  # [NBK, HB] byte of the step
     kb = tl.arange(0, NBK)
+    mcol = tl.arange(0, BLOCK_M)
     code_ptr = data_ptr + rn.to(tl.int64)[:, None, None] * (blocks_per_row * HB) + j[None, :, :]
     table = tl.load(quant_map_ptr + tl.arange(0, 16))
     zero = tl.zeros((BLOCK_N, NBK, HB), tl.int32)
-    acc = tl.zeros((BLOCK_N, NBK), tl.float32)
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, NBK), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     # A partial last step (blocks_per_row % NBK) is masked per block, which keeps the loads 16 bytes wide.
     nxt = tl.load(code_ptr + s0 * BKB, mask=zero + s0 * BKB + j < blocks_per_row * HB, other=0)
     for s in range(s0, s1):
@@ -87,51 +106,52 @@ def _gemv_kernel(
         else:
             codes = tl.load(code_ptr + s * BKB, mask=(zero + byte) < blocks_per_row * HB, other=0,
                             eviction_policy="evict_first").to(tl.int32)  # fmt: skip
-        if X_KIND == 2:
-            x_even = tl.load(x_ptr + 2 * byte, mask=in_row, other=0.0)
-            x_odd = tl.load(x_ptr + 2 * byte + 1, mask=in_row, other=0.0)
-        else:
-            word = tl.load(x_ptr + byte, mask=in_row, other=0)
-            if X_KIND == 0:  # bf16 -> fp32 is the 16 bits placed high
-                x_even = (word << 16).to(tl.float32, bitcast=True)
-                x_odd = ((word >> 16) << 16).to(tl.float32, bitcast=True)
-            else:
-                x_even = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                x_odd = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         flat = tl.reshape(codes, (BLOCK_N * BKB,))
         level_hi = tl.reshape(tl.gather(table, flat >> 4, 0), (BLOCK_N, NBK, HB))
         level_lo = tl.reshape(tl.gather(table, flat & 15, 0), (BLOCK_N, NBK, HB))
-        block_sum = tl.sum(level_hi * x_even[None, :, :] + level_lo * x_odd[None, :, :], axis=2)
         blk = s * NBK + kb
         blk_mask = (rn >= 0)[:, None] & (blk < blocks_per_row)[None, :]
         absmax = load_absmax(
             absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
             rn[:, None] * blocks_per_row + blk[None, :], blk_mask, DOUBLE_QUANT, INTERPRETED,
         )  # fmt: skip
-        acc += block_sum * absmax
-    result = tl.sum(acc, axis=1)
+        if BLOCK_M == 1:
+            x_even, x_odd = _x_pair(x_ptr, byte, in_row, X_KIND)
+            acc += tl.sum(level_hi * x_even[None, :, :] + level_lo * x_odd[None, :, :], axis=2) * absmax
+        else:
+            for m in tl.static_range(BLOCK_M):
+                x_even, x_odd = _x_pair(x_ptr + m * stride_x, byte, in_row & (byte * 0 + m < M), X_KIND)
+                block_sum = tl.sum(level_hi * x_even[None, :, :] + level_lo * x_odd[None, :, :], axis=2)
+                row_sum = tl.sum(block_sum * absmax, axis=1)
+                acc = tl.where(mcol[None, :] == m, acc + row_sum[:, None], acc)
+    if BLOCK_M == 1:
+        result = tl.sum(acc, axis=1)[:, None]  # [BLOCK_N, 1]
+    else:
+        result = acc
+    out_mask = (rows < N)[:, None] & (mcol < M)[None, :]
+    out = out_ptr + mcol[None, :] * N + rows[:, None]  # out: [M, N] or, split, [SPLIT_K, M, N] fp32
     if SPLIT_K == 1:
         if HAS_BIAS:
-            result += tl.load(bias_ptr + rn).to(tl.float32)
-        tl.store(out_ptr + rows, round_to(result, out_ptr.dtype.element_ty, INTERPRETED), mask=rows < N)
+            result += tl.load(bias_ptr + rn).to(tl.float32)[:, None]
+        tl.store(out, round_to(result, out_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
     else:
-        tl.store(out_ptr + tl.program_id(1) * N + rows, result, mask=rows < N)
+        tl.store(out + tl.program_id(1) * M * N, result, mask=out_mask)
 
 
-# out[n] = sum over the SPLIT_K slices of partial[:, n] (+ bias), in slice order, rounded once.
+# out[i] = sum over the SPLIT_K slices of partial[:, i] (+ bias[i % N]), in slice order, rounded once.
 @triton.jit
 def _split_k_sum_kernel(
-    partial_ptr, bias_ptr, out_ptr, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    partial_ptr, bias_ptr, out_ptr, numel, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):  # fmt: skip
-    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = rn < N
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < numel
     total = tl.zeros((BLOCK,), tl.float32)
     for s in tl.static_range(SPLIT_K):
-        total += tl.load(partial_ptr + s * N + rn, mask=mask, other=0.0)
+        total += tl.load(partial_ptr + s * numel + i, mask=mask, other=0.0)
     if HAS_BIAS:
-        total += tl.load(bias_ptr + rn, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rn, round_to(total, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+        total += tl.load(bias_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + i, round_to(total, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -146,22 +166,29 @@ class GemvConfig:
 
 
 # Programs the launch aims for: a 28672-row weight has 896 row tiles, and there split-K 4-8 still measured
-# faster than 1; at N = 4096 the same count needs split-K 32.
+# faster than 1; at N = 4096 the same count needs split-K 32. With more rows of x (more work per code byte)
+# twice the split measured 3-10% faster at M = 2 and 4.
 _TARGET_PROGRAMS = 4096
 
 
-def default_config(n: int, k: int, blocksize: int) -> GemvConfig:
+def default_config(n: int, k: int, blocksize: int, m: int = 1) -> GemvConfig:
     """~2 KiB of codes a step (blocksize 64: 32 rows x 2 blocks, x's 64 words within the 128 threads);
-    split-K doubled while it stays under ~4096 programs and leaves >= 4 steps a slice."""
+    split-K doubled while it stays under the target count of programs and leaves >= 4 steps a slice."""
     half = blocksize // 2
     nbk = max(1, 64 // half)
     block_n = max(1, min(32, 2048 // (nbk * half)))
     steps = -(-(k // blocksize) // nbk)
-    want = max(1, _TARGET_PROGRAMS // triton.cdiv(n, block_n))
+    want = max(1, _TARGET_PROGRAMS * (1 if m == 1 else 2) // triton.cdiv(n, block_n))
     split_k = 1
     while split_k * 2 <= want and steps // (split_k * 2) >= 4:
         split_k *= 2
     return GemvConfig(block_n=block_n, nbk=nbk, split_k=split_k)
+
+
+# Rows of x the kernel takes: it decodes W once and multiplies each row with fp32 FMAs, so its time grows
+# with M. On an H200 it beat dequantize + cuBLAS up to M = 4 (28672x8192: 0.20 ms vs 0.28) and lost at
+# M = 8 (0.36-0.39 ms vs 0.28); ops sends M <= MAX_M here.
+MAX_M = 4
 
 
 def supported(k: int, blocksize: int) -> bool:
@@ -182,20 +209,19 @@ def gemv(
     bias: torch.Tensor | None,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """x [1, K] @ W[n, K]^T (+ bias) -> [1, n] in x's dtype."""
+    """x [M, K] (M <= MAX_M) @ W[n, K]^T (+ bias) -> [M, n] in x's dtype."""
     m, k = x.shape
-    assert m == 1 and supported(k, blocksize), (x.shape, blocksize)
-    config = config or default_config(n, k, blocksize)
-    x = x.reshape(k)
-    if x.dtype in _WORD:
-        if x.stride(0) != 1 or x.data_ptr() % 4:
-            x = x.clone()
+    assert 1 <= m <= MAX_M and supported(k, blocksize), (x.shape, blocksize)
+    config = config or default_config(n, k, blocksize, m)
+    if x.dtype in _WORD:  # rows of element-pair words: unit column stride, even row stride, 4-byte aligned
+        if x.stride(1) != 1 or (m > 1 and x.stride(0) % 2) or x.data_ptr() % 4:
+            x = x.clone(memory_format=torch.contiguous_format)
         x_arg, x_kind = x.view(_WORD[x.dtype]), 0 if x.dtype == torch.bfloat16 else 1
     else:
-        x_arg, x_kind = x.contiguous(), 2
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+        x_arg, x_kind = (x if x.stride(1) == 1 else x.contiguous()), 2
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     split = config.split_k
-    partial = out if split == 1 else torch.empty((split, n), dtype=torch.float32, device=x.device)
+    partial = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     double_quant = nested_absmax is not None
     grid = (triton.cdiv(n, config.block_n), split)
     wrap_triton(_gemv_kernel)[grid](
@@ -208,12 +234,15 @@ def gemv(
         nested_offset if double_quant else absmax,
         bias if bias is not None else out,
         partial,
+        m,
         n,
         k,
+        x_arg.stride(0),
         BLOCKSIZE=blocksize,
         DOUBLE_QUANT=double_quant,
         HAS_BIAS=bias is not None,
         X_KIND=x_kind,
+        BLOCK_M=triton.next_power_of_2(m),
         BLOCK_N=config.block_n,
         NBK=config.nbk,
         SPLIT_K=split,
@@ -223,8 +252,8 @@ def gemv(
     )
     if split > 1:
         block = 1024
-        wrap_triton(_split_k_sum_kernel)[(triton.cdiv(n, block),)](
-            partial, bias if bias is not None else out, out, n, SPLIT_K=split, HAS_BIAS=bias is not None,
+        wrap_triton(_split_k_sum_kernel)[(triton.cdiv(m * n, block),)](
+            partial, bias if bias is not None else out, out, m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None,
             BLOCK=block, INTERPRETED=interpreted(), num_warps=4,
         )  # fmt: skip
     return out
