@@ -155,11 +155,12 @@ def bench_matmul(name: str, m: int, w: torch.Tensor, q: nf4.QuantizedTensor, bnb
     wq = nf4.dequantize(q, torch.bfloat16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ wq.float().T
-    out = ops.matmul(x, q)
+    off = torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda")  # as LinearNF4 holds it
+    out = ops.matmul(x, q, offset=off)
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     graph = m <= 128
     t_bf = bench(lambda: x @ w.T, graph)
-    t_ours = bench(lambda: ops.matmul(x, q), graph)
+    t_ours = bench(lambda: ops.matmul(x, q, offset=off), graph)
     try:
         t_bnb = bench(lambda: bnb.matmul_4bit(x, bq.t(), bst), graph)
     except RuntimeError as e:  # bnb's path may not capture in a graph

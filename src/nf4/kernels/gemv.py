@@ -35,13 +35,19 @@ _WORD = {torch.bfloat16: torch.int32, torch.float16: torch.int32}
 # x[m, 2j] and x[m, 2j + 1] in fp32, for byte positions ``byte`` (x_ptr: row m's words, or elements for fp32).
 @triton.jit
 def _x_pair(x_ptr, byte, mask, X_KIND: tl.constexpr):
+    # one return at the end: Triton 3.6 compiles the code after an early return in a constexpr branch too
     if X_KIND == 2:
-        return tl.load(x_ptr + 2 * byte, mask=mask, other=0.0), tl.load(x_ptr + 2 * byte + 1, mask=mask, other=0.0)
-    word = tl.load(x_ptr + byte, mask=mask, other=0)
-    if X_KIND == 0:  # bf16 -> fp32 is the 16 bits placed high
-        return (word << 16).to(tl.float32, bitcast=True), ((word >> 16) << 16).to(tl.float32, bitcast=True)
-    x_even = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return x_even, (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        x_even = tl.load(x_ptr + 2 * byte, mask=mask, other=0.0)
+        x_odd = tl.load(x_ptr + 2 * byte + 1, mask=mask, other=0.0)
+    else:
+        word = tl.load(x_ptr + byte, mask=mask, other=0)
+        if X_KIND == 0:  # bf16 -> fp32 is the 16 bits placed high
+            x_even = (word << 16).to(tl.float32, bitcast=True)
+            x_odd = ((word >> 16) << 16).to(tl.float32, bitcast=True)
+        else:
+            x_even = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x_odd = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return x_even, x_odd
 
 
 # Step s of a program covers blocks [s*NBK, (s+1)*NBK) of its rows, byte j of block b holding the codes of
@@ -213,8 +219,8 @@ def gemv(
     m, k = x.shape
     assert 1 <= m <= MAX_M and supported(k, blocksize), (x.shape, blocksize)
     config = config or default_config(n, k, blocksize, m)
-    if x.dtype in _WORD:  # rows of element-pair words: unit column stride, even row stride, 4-byte aligned
-        if x.stride(1) != 1 or (m > 1 and x.stride(0) % 2) or x.data_ptr() % 4:
+    if x.dtype in _WORD:  # rows of element-pair words: unit column stride, even row stride, even element offset
+        if x.stride(1) != 1 or (m > 1 and x.stride(0) % 2) or x.storage_offset() % 2:
             x = x.clone(memory_format=torch.contiguous_format)
         x_arg, x_kind = x.view(_WORD[x.dtype]), 0 if x.dtype == torch.bfloat16 else 1
     else:
