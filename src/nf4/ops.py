@@ -176,10 +176,11 @@ def _dequantize_eager(q: QuantizedTensor, dtype: torch.dtype, offset: torch.Tens
 
 def _offset(q: QuantizedTensor, offset: torch.Tensor | None) -> torch.Tensor | None:
     """q's double-quant offset as the ops take it: ``offset`` when the caller holds it as a tensor, else made from
-    q.nested_offset (one host->device copy; under torch.compile, a graph specialized on its value)."""
+    q.nested_offset by a fill on q's device (no host->device copy, so a CUDA graph can capture it; under
+    torch.compile, a graph specialized on its value)."""
     if q.nested_absmax is None:
         return None
-    return offset if offset is not None else torch.tensor(q.nested_offset, dtype=torch.float32, device=q.device)
+    return offset if offset is not None else torch.full((), q.nested_offset, dtype=torch.float32, device=q.device)
 
 
 def _qargs(q: QuantizedTensor, offset: torch.Tensor | None) -> tuple:

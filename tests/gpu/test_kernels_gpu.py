@@ -102,3 +102,23 @@ def test_gemv_decode_sizes(dtype: torch.dtype, double_quant: bool, nk: tuple, m:
     ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
     rel = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.dtype == dtype and out.shape == (*x.shape[:-1], n) and rel < {torch.float32: 1e-5}.get(dtype, 4e-3)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_matmul_of_a_bare_quantized_tensor_captures_in_a_cuda_graph(m: int) -> None:
+    # no offset tensor held by the caller: the op makes one on the device, which a graph can capture
+    q = ops.quantize(torch.randn(512, 256, device="cuda"))
+    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+    eager = ops.matmul(x, q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.matmul(x, q)  # warm-up (compiles the kernels) outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.matmul(x, q)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, ops.matmul(x, q), rtol=0, atol=0)
+    assert not torch.equal(out, eager)

@@ -13,11 +13,12 @@ from torch.library import wrap_triton
 
 from nf4.kernels.common import flush, interpreted, load_absmax, round_to
 
-# Bytes of codes per program, from H200 sweeps (docs/BENCHMARKS_GPU.md): enough in flight per SM to reach
-# copy bandwidth, few enough programs to fill the GPU. 8192 bytes with 4 warps measured 0.163 ms on a
-# 28672x8192 weight against 0.181 for 4096 (2048: 0.174, 8192 with 8 warps: 0.184).
-_BYTES_PER_PROGRAM = 8192
-_NUM_WARPS = 4
+# Bytes of codes per program, from H200 sweeps (docs/BENCHMARKS_GPU.md): 64 bytes of codes a thread, enough in
+# flight per SM to reach copy bandwidth, few enough per program to fill the GPU. 4096 bytes with 2 warps measured
+# 1.13x the copy floor on a 28672x8192 weight (8192 / 4 warps: 1.17x, 4096 / 4: 1.28x, 8192 / 2: 2.5x), and
+# was the fastest of these on five of kernels.py's six shapes.
+_BYTES_PER_PROGRAM = 4096
+_NUM_WARPS = 2
 
 
 # A program decodes NB whole blocks; block b holds elements [b*BS, (b+1)*BS) and bytes [b*BS/2, (b+1)*BS/2).
