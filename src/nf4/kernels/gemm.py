@@ -1,10 +1,9 @@
-"""Large-M matmul (prefill, training): dequantize W into a bf16/fp16 buffer at copy speed, then cuBLAS.
+"""Matmul for M > gemv.MAX_M (prefill, training, batches): dequantize W into a bf16/fp16 buffer, then cuBLAS.
 
-At M >= 32 the product is no longer bound by streaming W; cuBLAS's tensor-core GEMM is the fastest
-multiply available, and the dequantize pass adds 2.5 bytes/param (0.14 ms for a 28672x8192 weight on an
-H200), small against the GEMM itself at prefill sizes. The fused kernel (gemv.py) with wide tiles is the
-alternative; benchmarks/kernels.py measures both.
-"""
+From M = 5 the fused FMA kernel (gemv.py) loses to this path (H200: 0.36-0.39 ms against 0.28 ms at M = 8 on a
+28672x8192 weight); at large M cuBLAS's tensor-core GEMM is the fastest multiply available, and the dequantize
+pass adds 2.5 bytes/param (~0.16 ms for that weight), small against the GEMM at prefill sizes (1.39 ms at
+M = 2048). docs/BENCHMARKS.md has both paths at every M."""
 
 from __future__ import annotations
 
