@@ -59,6 +59,30 @@ def test_quantize_flushes_subnormals_beside_a_tiny_absmax(quant_type: str) -> No
     assert len(set(ref.data[64 * 100 : 64 * 100 + 32].flatten().tolist())) > 1  # the block is not all one code
 
 
+def _ulps_around(values: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Every fp32 value within k ulps of each of ``values``."""
+    out, up, down = [values], values.clone(), values.clone()
+    for _ in range(k):
+        up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(-2.0))
+        out += [up, down]
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int4"])
+def test_quantize_lookup_is_exact_at_thresholds_and_bucket_edges(quant_type: str) -> None:
+    # the encoder's bucket lookup against format's count of thresholds, where it could go wrong: within 3 ulps of
+    # every threshold and of every bucket edge, at +-1, 0 and NaN; each block holds 1.0 so its absmax is 1
+    edges = torch.arange(2 * kquantize._BUCKETS + 1, dtype=torch.float32) / kquantize._BUCKETS - 1
+    probe = _ulps_around(torch.cat([format._thresholds(quant_type, torch.device("cpu")), edges]))
+    probe = torch.cat([probe, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])])
+    rest = torch.zeros(-(-probe.numel() // 63) * 63)
+    rest[: probe.numel()] = probe
+    x = torch.cat([torch.ones(rest.numel() // 63, 1), rest.view(-1, 63)], dim=1).flatten()
+    data, absmax = kquantize.quantize_4bit(x, quant_type, 64)
+    ref = format.quantize(x, quant_type, 64, double_quant=False)
+    assert torch.equal(absmax, ref.absmax) and torch.equal(data, ref.data)
+
+
 def test_double_quantize_many_nested_blocks() -> None:
     absmax = torch.rand(256 * 3 + 5) * 4
     codes, nested_absmax, offset = kquantize.double_quantize(absmax, format._dynamic_map(absmax.device))

@@ -7,6 +7,8 @@ floor), the float64 mean of absmax done by torch (the same on every device), the
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -15,42 +17,40 @@ from torch.library import wrap_triton
 from nf4 import codebook, format
 from nf4.kernels.common import flush, interpreted, reciprocal_approx
 
-_ELEMENTS_PER_PROGRAM = 8192
+# 8 elements a thread (8 warps): on an H200 the 4-bit pass of a 28672x8192 bf16 weight took 0.383 ms at 2048
+# elements a program, 0.426 at 4096, 0.437 at 1024, 0.630 at 8192 (docs/BENCHMARKS.md).
+_ELEMENTS_PER_PROGRAM = 2048
 
 
 # Codes of scaled values y in [-1, 1] (NaN, from an all-zero block, gives 0 as every comparison is false):
 #   nf4/int4: code = #{thresholds t : y > t}                       (ties to the lower code)
 #   fp4:      code = code_of_rank[#{t : |y| > t}] | (y < 0) << 3  (sign-magnitude)
-# The count over the 15 sorted thresholds (int4's 14 padded with +inf) is a 4-step binary search: the threshold
-# of each step picked by selects on the scalars, ~20 operations an element against ~45 for 15 comparisons.
+# nf4/int4 look the count up: y falls in one of 2*BUCKETS equal buckets over [-1, 1) (ends clamped), and
+#   code = below[b] + (y > first[b]) + (y > second[b])
+# where below[b] counts the thresholds under bucket b's window and first/second are the (at most two) thresholds
+# inside it (+inf if none). The window is the bucket widened by 2**-20 on each side, far more than the fp32
+# rounding of the bucket arithmetic can move y across an edge, so the count is exact for every y (tables: _tables).
+# The bucket is read off the bits of (v - 0.5) + 1.5 * 2**23 (v = (y + 1) * BUCKETS clamped, NaN to 0): no
+# float->int conversion, which issues at a quarter of the FMA rate. fp4 counts its 7 magnitude thresholds.
 @triton.jit
-def _load4(ptr):
-    return tl.load(ptr), tl.load(ptr + 1), tl.load(ptr + 2), tl.load(ptr + 3)
-
-
-@triton.jit
-def _encode(y, thresholds_ptr, code_of_rank_ptr, NTHRESHOLDS: tl.constexpr, SIGN_MAGNITUDE: tl.constexpr):
+def _encode(y, tables_ptr, NTHRESHOLDS: tl.constexpr, SIGN_MAGNITUDE: tl.constexpr, BUCKETS: tl.constexpr):
     if SIGN_MAGNITUDE:
         v = tl.abs(y)
         rank = tl.zeros(y.shape, tl.int32)
         for i in tl.static_range(NTHRESHOLDS):
-            rank += (v > tl.load(thresholds_ptr + i)).to(tl.int32)
-        return tl.load(code_of_rank_ptr + rank) | ((y < 0).to(tl.int32) << 3)
+            rank += (v > tl.load(tables_ptr + i).to(tl.float32, bitcast=True)).to(tl.int32)
+        code = tl.load(tables_ptr + NTHRESHOLDS + rank) | ((y < 0).to(tl.int32) << 3)
     else:
-        t0, t1, t2, t3 = _load4(thresholds_ptr)
-        t4, t5, t6, t7 = _load4(thresholds_ptr + 4)
-        t8, t9, t10, t11 = _load4(thresholds_ptr + 8)
-        t12, t13, t14, _ = _load4(thresholds_ptr + 12)
-        b3 = y > t7
-        b2 = y > tl.where(b3, t11, t3)
-        b1 = y > tl.where(b3, tl.where(b2, t13, t9), tl.where(b2, t5, t1))
-        last = tl.where(
-            b3,
-            tl.where(b2, tl.where(b1, t14, t12), tl.where(b1, t10, t8)),
-            tl.where(b2, tl.where(b1, t6, t4), tl.where(b1, t2, t0)),
-        )
-        b0 = y > last
-        return b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
+        NB: tl.constexpr = 2 * BUCKETS
+        v = tl.minimum(tl.maximum(y * BUCKETS + BUCKETS, 0.0), NB - 0.25)  # max(NaN, 0) = 0
+        b = ((v - 0.5) + 12582912.0).to(tl.int32, bitcast=True) & 0xFF  # round(v - 0.5): floor(v), or one below
+        flat = tl.reshape(b, (y.numel,))  # at an exact edge, which that bucket's window covers
+        i = tl.arange(0, NB)
+        below = tl.reshape(tl.gather(tl.load(tables_ptr + i), flat, 0), y.shape)
+        first = tl.reshape(tl.gather(tl.load(tables_ptr + NB + i), flat, 0), y.shape).to(tl.float32, bitcast=True)
+        second = tl.reshape(tl.gather(tl.load(tables_ptr + 2 * NB + i), flat, 0), y.shape).to(tl.float32, bitcast=True)
+        code = below + (y > first).to(tl.int32) + (y > second).to(tl.int32)
+    return code
 
 
 @triton.jit
@@ -61,13 +61,13 @@ def _max_keeping_nan(a, b):
 # A program quantizes NB whole blocks, loaded as [NB, BS] (16-byte loads along a block), then split into pairs
 # (2j, 2j+1) for the high and low nibble of byte j.   x <- flush(x);  absmax_b = max |x| over block b (NaN if any
 # x is);  y = x * rcp(absmax_b), flushed where the sign is coded (fp4; a subnormal y codes as 0 everywhere else).
-# Compiled for sm_90 (nf4, bf16, 8192 elements, 8 warps): 16-byte loads, ~43 instructions an element where the
-# [NB, BS/2, 2] tile of the first version had 2-byte loads, 15 comparisons and 256 shuffles a thread.
+# Compiled for sm_90 (nf4, bf16, 8 warps; ptxas 13.4 offline): 16-byte loads and ~32 instructions an element with
+# the bucket lookup, against ~40 for the binary search of selects before it (the first version: 2-byte loads,
+# 15 comparisons and 256 shuffles a thread).
 @triton.jit
 def _quantize_kernel(
     x_ptr,
-    thresholds_ptr,
-    code_of_rank_ptr,
+    tables_ptr,
     rcp_delta_ptr,
     data_ptr,
     absmax_ptr,
@@ -77,6 +77,7 @@ def _quantize_kernel(
     NB: tl.constexpr,
     NTHRESHOLDS: tl.constexpr,
     SIGN_MAGNITUDE: tl.constexpr,
+    BUCKETS: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     HB: tl.constexpr = BLOCKSIZE // 2
@@ -90,7 +91,7 @@ def _quantize_kernel(
     if SIGN_MAGNITUDE or tl.min(absmax) < 2.0**-121:
         x = flush(x)
     y = x * reciprocal_approx(absmax, rcp_delta_ptr, INTERPRETED)[:, None]
-    code = _encode(flush(y) if SIGN_MAGNITUDE else y, thresholds_ptr, code_of_rank_ptr, NTHRESHOLDS, SIGN_MAGNITUDE)
+    code = _encode(flush(y) if SIGN_MAGNITUDE else y, tables_ptr, NTHRESHOLDS, SIGN_MAGNITUDE, BUCKETS)
     high, low = tl.split(tl.reshape(code, (NB, HB, 2)))
     pair = blk[:, None] * HB + tl.arange(0, HB)[None, :]  # [NB, HB] = byte index
     tl.store(data_ptr + pair, ((high << 4) | low).to(tl.uint8), mask=pair < (n + 1) // 2)
@@ -137,21 +138,38 @@ def _double_quantize_kernel(
     tl.store(nested_absmax_ptr + tl.program_id(0), nested_absmax)
 
 
-_TABLES: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+# Buckets a side of 0 in the nf4/int4 lookup: 1/64 wide, narrower than any gap between two thresholds.
+_BUCKETS = 64
+_WINDOW = 2.0**-20
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(thresholds, code_of_rank) on ``device``: format's tables, copied once per device."""
+def _bucket_tables(thresholds: list[float]) -> torch.Tensor:
+    """int32 [3, 2*_BUCKETS]: below, then first and second as fp32 bits, of every bucket (see _encode)."""
+    nb = 2 * _BUCKETS
+    below = torch.zeros(nb, dtype=torch.int32)
+    inside = torch.full((2, nb), float("inf"), dtype=torch.float32)
+    for b in range(nb):
+        lo = -math.inf if b == 0 else b / _BUCKETS - 1 - _WINDOW
+        hi = math.inf if b == nb - 1 else (b + 1) / _BUCKETS - 1 + _WINDOW
+        ts = [t for t in thresholds if lo <= t < hi]  # float64 comparisons of the exact fp32 thresholds
+        assert len(ts) <= 2, (b, ts)
+        below[b] = sum(t < lo for t in thresholds)
+        inside[: len(ts), b] = torch.tensor(ts, dtype=torch.float32)
+    return torch.cat([below[None], inside.view(torch.int32)])
+
+
+def _tables(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The encoder's int32 table on ``device``, made once per device: fp4, its 7 thresholds (fp32 bits) then
+    code_of_rank[8]; nf4/int4, the bucket tables (format's exact fp32 thresholds, compared in fp32)."""
     key = (quant_type, device)
     if key not in _TABLES:
         if quant_type == "fp4":
-            thresholds = torch.tensor(codebook.FP4_MAGNITUDE_THRESHOLDS, dtype=torch.float32)
-            code_of_rank = torch.tensor(codebook.FP4_CODE_OF_RANK, dtype=torch.int32)
-        else:  # padded to 16 with +inf (int4 has 14): no y is above it; the 16th is never compared
-            thresholds = format._thresholds(quant_type, torch.device("cpu"))
-            thresholds = torch.cat([thresholds, torch.full((16 - thresholds.numel(),), float("inf"))])
-            code_of_rank = torch.zeros(1, dtype=torch.int32)
-        _TABLES[key] = (thresholds.to(device), code_of_rank.to(device))
+            thresholds = torch.tensor(codebook.FP4_MAGNITUDE_THRESHOLDS, dtype=torch.float32).view(torch.int32)
+            table = torch.cat([thresholds, torch.tensor(codebook.FP4_CODE_OF_RANK, dtype=torch.int32)])
+        else:
+            table = _bucket_tables(format._thresholds(quant_type, torch.device("cpu")).tolist()).flatten()
+        _TABLES[key] = table.to(device)
     return _TABLES[key]
 
 
@@ -166,12 +184,10 @@ def quantize_4bit(tensor: torch.Tensor, quant_type: str, blocksize: int) -> tupl
     nblocks = triton.cdiv(n, blocksize)
     data = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=tensor.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=tensor.device)
-    thresholds, code_of_rank = _tables(quant_type, tensor.device)
     nb = max(1, _ELEMENTS_PER_PROGRAM // blocksize)
     wrap_triton(_quantize_kernel)[(triton.cdiv(nblocks, nb),)](
         tensor,
-        thresholds,
-        code_of_rank,
+        _tables(quant_type, tensor.device),
         _rcp_delta(tensor.device),
         data,
         absmax,
@@ -179,8 +195,9 @@ def quantize_4bit(tensor: torch.Tensor, quant_type: str, blocksize: int) -> tupl
         nblocks,
         BLOCKSIZE=blocksize,
         NB=nb,
-        NTHRESHOLDS=thresholds.numel(),
+        NTHRESHOLDS=len(codebook.FP4_MAGNITUDE_THRESHOLDS),
         SIGN_MAGNITUDE=quant_type == "fp4",
+        BUCKETS=_BUCKETS,
         INTERPRETED=interpreted(),
         num_warps=8,
     )
