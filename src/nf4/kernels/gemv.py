@@ -11,8 +11,8 @@ sweeps taught (docs/BENCHMARKS_GPU.md):
   memory each step;
 - the absmax multiplies a block's sum once, not each element;
 - split-K: with one program per row tile, the GPU holds too few loads in flight (N = 4096 gives 128 programs).
-  The slices' fp32 sums go to a [SPLIT_K, N] buffer that a second small kernel adds up in a fixed order, so
-  the result does not depend on timing.
+  The slices' fp32 sums go to a [SPLIT_K, M, N] buffer that a second small kernel adds up in a fixed order,
+  so the result does not depend on timing.
 
 Needs K % blocksize == 0 (a row is whole blocks); other shapes take dequantize + cuBLAS (gemm.py).
 """
