@@ -2,10 +2,11 @@
 
 Usage: python benchmarks/kernels_sweep.py [--out DIR] [--shapes A,B] [--baseline FILE.py] [--dequant] [--decode].
 Each weight shape is replicated until the copies exceed the L2 cache and the calls rotate over them, so that every
-timing streams W from device memory. Medians of a CUDA graph's replays (triton.testing.do_bench). M = 1 GEMV tiles
-are timed beside bf16 cuBLAS, bitsandbytes' matmul_4bit (if installed) and --baseline, another gemv.py (e.g. the
-previous commit's) run with its default tile. --dequant adds the dequantize tile sweep, --decode the 8B decode step
-of kernels.py. Prints one JSON line per measurement and a table last.
+timing streams W from device memory. Medians of a CUDA graph's replays (triton.testing.do_bench). Fused-kernel
+configs at M = 1, 2, 4, 8 are timed beside bf16 cuBLAS, dequantize + cuBLAS, bitsandbytes' matmul_4bit (if
+installed) and --baseline, another gemv.py (e.g. the previous commit's) run with its default tile; --decode runs
+kernels.py's 8B decode step with this gemv.py and, given --baseline, again with that one. --dequant adds the
+dequantize tile sweep. Prints one JSON line per measurement and a table last.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ SHAPES = {"70B_up": (28672, 8192), "70B_down": (8192, 28672), "8B_up": (14336, 4
 MS = (1, 2, 4, 8)
 
 
-def variants(n: int, k: int) -> dict[str, kgemv.GemvConfig]:
-    """M = 1 configs timed per shape: the shape's default and single changes to it."""
-    d = kgemv.default_config(n, k, 64)
+def variants(n: int, k: int, m: int) -> dict[str, kgemv.GemvConfig]:
+    """Configs timed per shape and M: the default and single changes to it."""
+    d = kgemv.default_config(n, k, 64, m)
     return {
         "default": d,
         "split/2": dataclasses.replace(d, split_k=max(1, d.split_k // 2)),
@@ -102,7 +103,7 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool) ->
                                       blocksize=64, compress_statistics=True) for _ in range(copies)]  # fmt: skip
             row["bnb_ms"] = round(graph_ms([lambda b=b, x=x: bnb.matmul_4bit(x, b[0].t(), b[1]) for b in bqs]), 4)
             del bqs
-        todo = [(c, key, kgemv.gemv) for key, c in variants(n, k).items()]
+        todo = [(c, key, kgemv.gemv) for key, c in variants(n, k, m).items()]
         if baseline is not None:
             todo.append((None, "baseline", baseline.gemv))
         for cfg, key, fn in todo:

@@ -120,7 +120,7 @@ def _matmul_impl(
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     qargs = (data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, out_features, bias)
-    if _on_gpu(x) and _kgemv.supported(k, blocksize) and x2.shape[0] <= _kgemv.MAX_M:
+    if _on_gpu(x) and _kgemv.supported(k, blocksize) and 1 <= x2.shape[0] <= _kgemv.MAX_M:
         out = _kgemv.gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), *qargs)
     elif _on_gpu(x):
         out = _kgemm.gemm(x2, *qargs)

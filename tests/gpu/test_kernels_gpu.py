@@ -122,3 +122,10 @@ def test_matmul_of_a_bare_quantized_tensor_captures_in_a_cuda_graph(m: int) -> N
     graph.replay()
     torch.testing.assert_close(out, ops.matmul(x, q), rtol=0, atol=0)
     assert not torch.equal(out, eager)
+
+
+def test_matmul_of_an_empty_batch() -> None:
+    # zero rows of x: no fused-kernel launch (it needs M >= 1), an empty result of the right shape
+    q = ops.quantize(torch.randn(64, 128, device="cuda"))
+    out = ops.matmul(torch.randn(0, 128, device="cuda", dtype=torch.bfloat16), q)
+    assert out.shape == (0, 64) and out.dtype == torch.bfloat16
