@@ -103,8 +103,9 @@ TOLERANCE = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}
 
 
 # (n, k, blocksize): a partial row tile (n % 32), a partial last step (3 blocks a row, 2 a step), blocksizes
-# other than 64 (other tiles), and configs: split-K (uneven slices, an empty slice) and no prefetch.
-GEMV_CASES = [(33, 256, 64), (40, 192, 64), (17, 512, 32), (9, 384, 128)]
+# other than 64 (other tiles; at 256 x's step tile is as large as the thread count), and configs: split-K
+# (uneven slices, an empty slice) and no prefetch.
+GEMV_CASES = [(33, 256, 64), (40, 192, 64), (17, 512, 32), (9, 384, 128), (5, 768, 256)]
 GEMV_CONFIGS = [None, kgemv.GemvConfig(block_n=16, split_k=3), kgemv.GemvConfig(block_n=8, split_k=4, prefetch=False)]
 
 
