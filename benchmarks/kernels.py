@@ -52,10 +52,14 @@ def bench(fn, graph: bool = False) -> float:
     return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") / 20
 
 
+def offset_tensor(q: nf4.QuantizedTensor) -> torch.Tensor:
+    """q's double-quant offset on its device, as LinearNF4 holds it: made once, outside timed or graphed code."""
+    return torch.tensor(q.nested_offset, dtype=torch.float32, device=q.device)
+
+
 def qargs(q: nf4.QuantizedTensor) -> tuple:
-    """The kernels' arguments for q, the offset as a device tensor: make them once, outside timed or graphed code."""
-    offset = torch.tensor(q.nested_offset, dtype=torch.float32, device=q.device)
-    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, q.blocksize)
+    """The kernels' arguments for q, the offset as a device tensor."""
+    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset_tensor(q), q.blocksize)
 
 
 def main() -> None:
@@ -155,7 +159,7 @@ def bench_matmul(name: str, m: int, w: torch.Tensor, q: nf4.QuantizedTensor, bnb
     wq = nf4.dequantize(q, torch.bfloat16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ wq.float().T
-    off = torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda")  # as LinearNF4 holds it
+    off = offset_tensor(q)
     out = ops.matmul(x, q, offset=off)
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     graph = m <= 128
@@ -204,7 +208,7 @@ def decode_step() -> None:
         for w in weights:
             xs[w.shape[1]] @ w.T
 
-    offsets = [torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda") for q in ours]  # as LinearNF4 holds it
+    offsets = [offset_tensor(q) for q in ours]
 
     def step_ours() -> None:
         for q, off in zip(ours, offsets, strict=True):

@@ -116,7 +116,7 @@ def _gemv_kernel(
         level_hi = tl.reshape(tl.gather(table, flat >> 4, 0), (BLOCK_N, NBK, HB))
         level_lo = tl.reshape(tl.gather(table, flat & 15, 0), (BLOCK_N, NBK, HB))
         blk = s * NBK + kb
-        blk_mask = (rn >= 0)[:, None] & (blk < blocks_per_row)[None, :]
+        blk_mask = (rn >= 0)[:, None] & (blk < blocks_per_row)[None, :]  # rn >= 0 (always): the rows axis
         absmax = load_absmax(
             absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
             rn[:, None] * blocks_per_row + blk[None, :], blk_mask, DOUBLE_QUANT, INTERPRETED,
