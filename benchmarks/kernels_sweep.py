@@ -1,12 +1,14 @@
 """Tile sweep for the decode GEMV (and the dequantize kernel) on one GPU: correctness at real sizes, then timings.
 
-Usage: python benchmarks/kernels_sweep.py [--out DIR] [--shapes A,B] [--baseline FILE.py] [--dequant] [--decode].
+Usage: python benchmarks/kernels_sweep.py [--out DIR] [--shapes A,B] [--baseline FILE.py] [--dequant] [--decode]
+       [--mma].
 Each weight shape is replicated until the copies exceed the L2 cache and the calls rotate over them, so that every
 timing streams W from device memory. Medians of a CUDA graph's replays (triton.testing.do_bench). Fused-kernel
-configs at M = 1, 2, 4, 8 are timed beside bf16 cuBLAS, dequantize + cuBLAS, bitsandbytes' matmul_4bit (if
+configs at M = 1, 2, 4 are timed beside bf16 cuBLAS, dequantize + cuBLAS, bitsandbytes' matmul_4bit (if
 installed) and --baseline, another gemv.py (e.g. the previous commit's) run with its default tile; --decode runs
 kernels.py's 8B decode step with this gemv.py and, given --baseline, again with that one. --dequant adds the
-dequantize tile sweep. Prints one JSON line per measurement and a table last.
+dequantize tile sweep; --mma the tensor-core kernel's (mma.py) configs at M = 1, 2, 4, 16, beside the same
+baselines. Prints one JSON line per measurement and a table last.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from nf4 import ops
 from nf4.kernels import dequantize as kdequantize
 from nf4.kernels import gemm as kgemm
 from nf4.kernels import gemv as kgemv
+from nf4.kernels import mma as kmma
 
 SHAPES = {"70B_up": (28672, 8192), "70B_down": (8192, 28672), "8B_up": (14336, 4096), "8B_down": (4096, 14336),
           "8B_qo": (4096, 4096)}  # fmt: skip
-MS = (1, 2, 4, 8)
+MS = (1, 2, 4)
 
 
 def variants(n: int, k: int, m: int) -> dict[str, kgemv.GemvConfig]:
@@ -46,6 +49,23 @@ def variants(n: int, k: int, m: int) -> dict[str, kgemv.GemvConfig]:
     }
 
 
+def mma_variants(n: int, k: int) -> dict[str, kmma.MmaConfig]:
+    """Tensor-core kernel configs: the default and single changes to it."""
+    d = kmma.default_config(n, k, 64)
+    return {
+        "default": d,
+        "split/2": dataclasses.replace(d, split_k=max(1, d.split_k // 2)),
+        "split*2": dataclasses.replace(d, split_k=d.split_k * 2),
+        "rows64": dataclasses.replace(d, block_n=64),
+        "warps8": dataclasses.replace(d, num_warps=8),
+        "rows256-warps8": dataclasses.replace(d, block_n=256, num_warps=8),
+        "stages2": dataclasses.replace(d, num_stages=2),
+        "stages4": dataclasses.replace(d, num_stages=4),
+        "nbk2": dataclasses.replace(d, nbk=2),
+    }
+
+
+MMA_MS = (1, 2, 4, 16)
 DEQUANT = [(4096, 4), (4096, 8), (8192, 8), (16384, 8), (16384, 16), (32768, 16)]
 ROTATE_BYTES = 256 << 20
 ROWS: list[dict] = []
@@ -80,7 +100,7 @@ def poison() -> None:
     torch.full((1 << 28,), float("nan"), device="cuda")
 
 
-def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool) -> None:
+def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool, mma: bool) -> None:
     n, k = SHAPES[name]
     copies = max(1, -(-ROTATE_BYTES // (n * k // 2)))
     qs = [ops.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
@@ -88,7 +108,7 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool) ->
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, copies // 4))]
     w0 = nf4.dequantize(qs[0], torch.bfloat16).double()
     floor4 = (n * k / 2 + n * k / 64) / copy_gbps / 1e6  # codes + 1 byte of absmax code per block
-    for m in MS:
+    for m in sorted(set(MS) | (set(MMA_MS) if mma else set())):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ w0.T
         t_bf = graph_ms([lambda w=w, x=x: x @ w.T for w in ws])
@@ -103,8 +123,10 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool) ->
                                       blocksize=64, compress_statistics=True) for _ in range(copies)]  # fmt: skip
             row["bnb_ms"] = round(graph_ms([lambda b=b, x=x: bnb.matmul_4bit(x, b[0].t(), b[1]) for b in bqs]), 4)
             del bqs
-        todo = [(c, key, kgemv.gemv) for key, c in variants(n, k, m).items()]
-        if baseline is not None:
+        todo = [(c, key, kgemv.gemv) for key, c in variants(n, k, m).items()] if m in MS and m <= kgemv.MAX_M else []
+        if mma and m in MMA_MS:
+            todo += [(c, f"mma:{key}", kmma.mma) for key, c in mma_variants(n, k).items()]
+        if baseline is not None and m <= kgemv.MAX_M:
             todo.append((None, "baseline", baseline.gemv))
         for cfg, key, fn in todo:
             try:
@@ -139,6 +161,7 @@ def main() -> None:
     parser.add_argument("--baseline", help="another gemv.py to time beside this one, with its default tile")
     parser.add_argument("--dequant", action="store_true")
     parser.add_argument("--decode", action="store_true")
+    parser.add_argument("--mma", action="store_true")
     args = parser.parse_args()
     baseline = None
     if args.baseline:
@@ -152,7 +175,7 @@ def main() -> None:
     del a, b
     record(what="device", name=torch.cuda.get_device_name(), triton=triton.__version__, copy_GBps=round(copy_gbps))
     for name in args.shapes.split(","):
-        sweep_shape(name, copy_gbps, baseline, args.dequant)
+        sweep_shape(name, copy_gbps, baseline, args.dequant, args.mma)
         torch.cuda.empty_cache()
         with open(os.path.join(args.out, "sweep.json"), "w") as f:
             json.dump(ROWS, f, indent=1)
@@ -170,7 +193,8 @@ def main() -> None:
         json.dump(ROWS, f, indent=1)
     for r in ROWS:
         if r["what"] == "gemv":
-            best = min((v[0], c) for c, v in r["cfg"].items() if isinstance(v, tuple))
+            timed = [(v[0], c) for c, v in r["cfg"].items() if isinstance(v, tuple)]
+            best = min(timed, default=(r["deq_cublas_ms"], "deq+cublas"))
             print(
                 f"{r['shape']:8} M={r['M']:<3} bf16 {r['bf16_ms']:.4f} bnb {r.get('bnb_ms')} "
                 f"deq+cublas {r['deq_cublas_ms']:.4f} "

@@ -17,6 +17,7 @@ from nf4 import format  # noqa: E402
 from nf4.kernels import dequantize as kdequantize  # noqa: E402
 from nf4.kernels import gemm as kgemm  # noqa: E402
 from nf4.kernels import gemv as kgemv  # noqa: E402
+from nf4.kernels import mma as kmma  # noqa: E402
 from nf4.kernels import quantize as kquantize  # noqa: E402
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -140,6 +141,47 @@ def test_gemv_reads_x_through_a_view() -> None:
 
 def test_gemv_rejects_partial_blocks_per_row() -> None:
     assert not kgemv.supported(100, 64) and kgemv.supported(128, 64)
+
+
+# (n, k, blocksize): rows ending a partial row tile (n % 128, % 32), a partial last step (3 blocks a row, 2 a step),
+# blocksizes 32 / 128 / 256 (tiles of 16 / 64 / 128 code bytes a row); configs: split-K with uneven slices and an
+# empty one, two blocks a step, 16-row tiles.
+MMA_CASES = [(130, 192, 64), (17, 512, 32), (40, 384, 128), (5, 768, 256)]
+MMA_CONFIGS = [None, kmma.MmaConfig(block_n=32, nbk=2, split_k=3), kmma.MmaConfig(block_n=16, split_k=4)]
+
+
+@pytest.mark.parametrize("nkb", MMA_CASES)
+@pytest.mark.parametrize("config", MMA_CONFIGS, ids=["default", "split3-nbk2", "rows16-split4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_mma_matches_dequantize_then_fp32_matmul(
+    nkb: tuple, config: kmma.MmaConfig | None, dtype: torch.dtype, double_quant: bool, m: int
+) -> None:
+    n, k, blocksize = nkb
+    q = format.quantize(torch.randn(n, k), "fp4" if n == 17 else "nf4", blocksize, double_quant)
+    x = torch.randn(m, k, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype)
+    out = kmma.mma(x, *_qargs(q), n, bias, config)
+    ref = x.float() @ format.dequantize(q, dtype).float().T + bias.float()
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
+
+
+def test_mma_reads_x_through_a_view() -> None:
+    # rows of an odd stride (a transposed matrix's rows: column stride 1 after .T of a [K, M] slice), an odd offset
+    q = format.quantize(torch.randn(20, 128), double_quant=False)
+    big = torch.randn(9, 300, dtype=torch.float16)
+    for x in (big[:, 1:129], big[2:5, 7:135]):
+        ref = x.float() @ format.dequantize(q, torch.float16).float().T
+        out = kmma.mma(x, *_qargs(q), 20, None)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.float16]
+
+
+def test_mma_takes_half_precision_whole_blocks_only() -> None:
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    assert kmma.supported(x, 128, 64) and kmma.supported(x.half(), 128, 64)
+    assert not kmma.supported(x.float(), 128, 64) and not kmma.supported(x, 100, 64)
 
 
 @pytest.mark.parametrize("blocksize", [32, 64])

@@ -32,6 +32,7 @@ if HAS_TRITON:
     from nf4.kernels import dequantize as _kdequantize
     from nf4.kernels import gemm as _kgemm
     from nf4.kernels import gemv as _kgemv
+    from nf4.kernels import mma as _kmma
     from nf4.kernels import quantize as _kquantize
 
 
@@ -120,14 +121,26 @@ def _matmul_impl(
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     qargs = (data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, out_features, bias)
-    if _on_gpu(x) and _kgemv.supported(k, blocksize) and 1 <= x2.shape[0] <= _kgemv.MAX_M:
-        out = _kgemv.gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), *qargs)
-    elif _on_gpu(x):
-        out = _kgemm.gemm(x2, *qargs)
+    if _on_gpu(x):
+        out = _matmul_cuda(x2 if x2.stride(1) == 1 else x2.contiguous(), qargs)
     else:
         w = _dequantize_torch(*qargs[:-2], out_features * k, x.dtype).view(out_features, k)
         out = F.linear(x2, w, bias)
     return out.view(*x.shape[:-1], out_features)
+
+
+def _matmul_cuda(x: torch.Tensor, qargs: tuple) -> torch.Tensor:
+    """The fastest kernel for x's rows (H200 sweeps, docs/BENCHMARKS.md): the FMA kernel for 1-2 rows (fp32 x: up
+    to 4), the tensor-core one up to 16 (bf16/fp16), dequantize + cuBLAS beyond, for no rows and partial-block rows."""
+    m, k = x.shape
+    blocksize = qargs[6]
+    if m == 0 or not _kgemv.supported(k, blocksize):
+        return _kgemm.gemm(x, *qargs)
+    if _kmma.MIN_M <= m <= _kmma.MAX_M and _kmma.supported(x, k, blocksize):
+        return _kmma.mma(x, *qargs)
+    if m <= _kgemv.MAX_M:
+        return _kgemv.gemv(x, *qargs)
+    return _kgemm.gemm(x, *qargs)
 
 
 _matmul_op = _op("nf4::matmul", mutates_args=())(_matmul_impl)

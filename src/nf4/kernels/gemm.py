@@ -1,9 +1,10 @@
-"""Matmul for M > gemv.MAX_M (prefill, training, batches): dequantize W into a bf16/fp16 buffer, then cuBLAS.
+"""Matmul for M > mma.MAX_M (prefill, training, batches), fp32 x over 4 rows and rows of partial blocks:
+dequantize W into a bf16/fp16/fp32 buffer, then cuBLAS.
 
-From M = 5 the fused FMA kernel (gemv.py) loses to this path (H200: 0.36-0.39 ms against 0.28 ms at M = 8 on a
-28672x8192 weight); at large M cuBLAS's tensor-core GEMM is the fastest multiply available, and the dequantize
-pass adds 2.5 bytes/param (~0.16 ms for that weight), small against the GEMM at prefill sizes (1.39 ms at
-M = 2048). docs/BENCHMARKS.md has both paths at every M."""
+At large M cuBLAS's tensor-core GEMM is the fastest multiply available, and the dequantize pass adds 2.5
+bytes/param (~0.16 ms for a 28672x8192 weight on an H200), small against the GEMM at prefill sizes (1.39 ms at
+M = 2048). Up to M = 16 the fused kernels stream only the codes (0.111 ms against 0.28 for this path on that
+weight). docs/BENCHMARKS.md has the paths at every M."""
 
 from __future__ import annotations
 

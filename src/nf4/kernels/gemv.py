@@ -1,4 +1,4 @@
-"""Fused dequantize-matmul for decode (M = 1..4): out = x @ W^T (+ bias), W streamed once as 4-bit codes.
+"""Fused dequantize-matmul for decode (M = 1..4, FMAs): out = x @ W^T (+ bias), W streamed once as 4-bit codes.
 
 At M = 1 the product is bound by streaming W: 0.5 byte/param (+ absmax) instead of bf16's 2, so the ceiling
 is ~3.9x bf16's speed. Each program owns BLOCK_N rows of W and one of SPLIT_K slices of K; it decodes a
@@ -193,7 +193,8 @@ def default_config(n: int, k: int, blocksize: int, m: int = 1) -> GemvConfig:
 
 # Rows of x the kernel takes: it decodes W once and multiplies each row with fp32 FMAs, so its time grows
 # with M. On an H200 it beat dequantize + cuBLAS up to M = 4 (28672x8192: 0.20 ms vs 0.28) and lost at
-# M = 8 (0.36-0.39 ms vs 0.28); ops sends M <= MAX_M here.
+# M = 8 (0.36-0.39 ms vs 0.28); the tensor-core kernel (mma.py) beats it from M = 2 (0.111 ms vs 0.133), so ops
+# sends it M = 1 in bf16/fp16 and fp32 x up to MAX_M rows.
 MAX_M = 4
 
 
@@ -257,9 +258,15 @@ def gemv(
         num_warps=config.num_warps,
     )
     if split > 1:
-        block = 1024
-        wrap_triton(_split_k_sum_kernel)[(triton.cdiv(m * n, block),)](
-            partial, bias if bias is not None else out, out, m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None,
-            BLOCK=block, INTERPRETED=interpreted(), num_warps=4,
-        )  # fmt: skip
+        split_k_sum(partial, bias, out)
     return out
+
+
+def split_k_sum(partial: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out [M, N] = the sum over partial's [SPLIT_K, M, N] fp32 slices (+ bias), in slice order."""
+    split, m, n = partial.shape
+    block = 1024
+    wrap_triton(_split_k_sum_kernel)[(triton.cdiv(m * n, block),)](
+        partial, bias if bias is not None else out, out, m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None,
+        BLOCK=block, INTERPRETED=interpreted(), num_warps=4,
+    )  # fmt: skip

@@ -1,0 +1,258 @@
+"""Fused dequantize-matmul on tensor cores for small batches: out = x @ W^T (+ bias), W read once as 4-bit codes.
+
+The FMA kernel (gemv.py) spends ~8 instructions a weight for each row of x, so its time grows with M and from
+M = 3 it loses to this one. Here a program decodes a [BLOCK_N, blocksize] tile of W to x's dtype in registers and
+hands it to ``tl.dot`` against x's [16, blocksize] tile (rows past M are zeros): the multiply-adds run on tensor
+cores, so the time is flat in M up to 16 rows, and W's bytes are streamed once. Split-K slices and their
+deterministic sum are as in gemv.py.
+
+The decode is the cost (H200 sweep, docs/BENCHMARKS_GPU.md). Levels gathered from a shared-memory table cost a
+byte extract, shift, address and load per nibble; here they come from registers: the 16 levels' high and low
+bytes sit in 8 registers and ``prmt`` (byte permute) picks 4 of them per instruction (_levels_prmt, inline
+PTX, ~3 instructions a weight), 17% faster than the gather. The levels are x's dtype and each block's product is
+scaled by its absmax in fp32 afterwards, so a weight is rounded once, to within x's rounding of
+``level * absmax`` (dequantize rounds that product itself; the results agree to the output's rounding).
+
+Needs K % blocksize == 0 and x in bf16 or fp16; other inputs take gemv.py or dequantize + cuBLAS (gemm.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from nf4.kernels.common import interpreted, load_absmax, round_to
+from nf4.kernels.gemv import split_k_sum
+
+
+# The 16 levels in x's dtype (bf16/fp16 bits) as 8 words of bytes, the table of _levels_prmt:
+# words 0-3 hold the high bytes of levels 0-3, 4-7, 8-11, 12-15; words 4-7 the low bytes.
+@triton.jit
+def _byte_tables(table_x):
+    i = tl.arange(0, 16)
+    bits = table_x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    high = ((bits >> 8) & 0xFF) << (8 * (i % 4))
+    low = (bits & 0xFF) << (8 * (i % 4))
+    h0 = tl.sum(tl.where(i // 4 == 0, high, 0))
+    h1 = tl.sum(tl.where(i // 4 == 1, high, 0))
+    h2 = tl.sum(tl.where(i // 4 == 2, high, 0))
+    h3 = tl.sum(tl.where(i // 4 == 3, high, 0))
+    l0 = tl.sum(tl.where(i // 4 == 0, low, 0))
+    l1 = tl.sum(tl.where(i // 4 == 1, low, 0))
+    l2 = tl.sum(tl.where(i // 4 == 2, low, 0))
+    l3 = tl.sum(tl.where(i // 4 == 3, low, 0))
+    return h0, h1, h2, h3, l0, l1, l2, l3
+
+
+# One half word of codes (4 nibbles in bits 0-15 of %w) -> 4 16-bit levels, from the byte tables in registers:
+# prmt picks byte (nibble & 7) of a register pair, so each byte of the level is looked up twice (codes 0-7 and
+# 8-15) and a lop3 keeps the one that bit 3 of the nibble names; two more prmts put the bytes back together.
+_HALF = """
+    and.b32 sel, w, 0x7777;
+    prmt.b32 ha, $5, $9, sel;
+    prmt.b32 hb, $13, $17, sel;
+    prmt.b32 la, $21, $25, sel;
+    prmt.b32 lb, $29, $33, sel;
+    shr.b32 m, w, 3;
+    and.b32 m, m, 0x1111;
+    prmt.b32 m, k, k, m;
+    lop3.b32 ha, ha, hb, m, 0xD8;
+    lop3.b32 la, la, lb, m, 0xD8;
+    prmt.b32 $HI, la, ha, 0x7351;
+    prmt.b32 $LO, la, ha, 0x6240;
+"""
+_PRMT_ASM = tl.constexpr(
+    "{ .reg .b32 w, k, sel, m, ha, hb, la, lb; mov.b32 k, 0xFF00; mov.b32 w, $4;"
+    + _HALF.replace("$HI", "$0").replace("$LO", "$2")
+    + "shr.b32 w, $4, 16;"
+    + _HALF.replace("$HI", "$1").replace("$LO", "$3")
+    + "}"
+)
+
+
+# codes (uint8, 4 consecutive bytes a thread) -> (levels of the high nibbles, of the low nibbles) as 16-bit
+# patterns typed bf16 (the caller bitcasts them for fp16 x).
+@triton.jit
+def _levels_prmt(codes, h0, h1, h2, h3, l0, l1, l2, l3):
+    return tl.inline_asm_elementwise(
+        _PRMT_ASM, "=r,=r,=r,=r,r" + ",r" * 32, [codes, h0, h1, h2, h3, l0, l1, l2, l3],
+        dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
+    )  # fmt: skip
+
+
+# Step s of a program covers blocks [s*NBK, (s+1)*NBK) of its rows; for block b (byte j holds the codes of
+# elements 2j, high nibble, and 2j+1, low nibble):
+#   w[n, 2j], w[n, 2j + 1] = level[code[n, j] >> 4], level[code[n, j] & 15]       (x's dtype)
+#   acc[n, m] += absmax[n, b] * sum_k w[n, k] * x[m, b*blocksize + k]             (tensor cores; scaled in fp32)
+# x's tile is loaded as a plain 2-D tile that feeds the dot directly, so Triton pipelines its load with the codes'
+# (loaded as element pairs and split, it was waited for every step: 0.174 ms against 0.109 on 28672x8192).
+@triton.jit
+def _mma_kernel(
+    x_ptr,
+    data_ptr,
+    absmax_ptr,
+    quant_map_ptr,
+    nested_absmax_ptr,
+    nested_quant_map_ptr,
+    nested_offset_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_x,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NBK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    HB: tl.constexpr = BLOCKSIZE // 2
+    dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.minimum(rows, N - 1)  # rows past N repeat the last one; their results are not stored
+    blocks_per_row = K // BLOCKSIZE
+    steps = tl.cdiv(blocks_per_row, NBK)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    s0 = tl.program_id(1) * per_split
+    s1 = tl.minimum(s0 + per_split, steps)
+    mrow = tl.arange(0, BLOCK_M)
+    code_ptr = data_ptr + rn.to(tl.int64)[:, None] * (blocks_per_row * HB) + tl.arange(0, HB)[None, :]
+    x_tile = x_ptr + mrow[:, None] * stride_x + tl.arange(0, BLOCKSIZE)[None, :]
+    table = round_to(tl.load(quant_map_ptr + tl.arange(0, 16)), dtype, INTERPRETED)
+    h0, h1, h2, h3, l0, l1, l2, l3 = _byte_tables(table)
+    zero = tl.zeros((BLOCK_N, HB), tl.int32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for s in range(s0, s1):
+        for i in tl.static_range(NBK):
+            blk = s * NBK + i  # past the row's last block (a partial last step): codes, absmax and x read as 0
+            codes = tl.load(code_ptr + blk * HB, mask=zero + blk < blocks_per_row, other=0,
+                            eviction_policy="evict_first")  # fmt: skip
+            absmax = load_absmax(
+                absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
+                rn * blocks_per_row + blk, rn * 0 + blk < blocks_per_row, DOUBLE_QUANT, INTERPRETED,
+            )[:, None]  # fmt: skip
+            if INTERPRETED:  # no inline PTX on CPU: the same levels by a table gather
+                flat = tl.reshape(codes.to(tl.int32), (BLOCK_N * HB,))
+                hi = tl.reshape(tl.gather(table, flat >> 4, 0), (BLOCK_N, HB))
+                lo = tl.reshape(tl.gather(table, flat & 15, 0), (BLOCK_N, HB))
+            else:
+                hi, lo = _levels_prmt(codes, h0, h1, h2, h3, l0, l1, l2, l3)
+                hi, lo = hi.to(dtype, bitcast=True), lo.to(dtype, bitcast=True)
+            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCKSIZE))  # byte j -> elements 2j, 2j + 1
+            xmask = (mrow < M)[:, None] & (mrow * 0 + blk < blocks_per_row)[:, None]
+            xt = tl.load(x_tile + blk * BLOCKSIZE, mask=xmask, other=0.0)  # straight into the dot: pipelined
+            if INTERPRETED:  # the interpreter's dot misreads bf16; fp32 products of these values are exact
+                part = tl.dot(w.to(tl.float32), tl.trans(xt.to(tl.float32)), input_precision="ieee")
+            else:
+                part = tl.dot(w, tl.trans(xt))
+            acc += part * absmax
+    out_mask = (rows < N)[:, None] & (mrow < M)[None, :]
+    out = out_ptr + mrow[None, :] * N + rows[:, None]  # out: [M, N] or, split, [SPLIT_K, M, N] fp32
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)[:, None]
+        tl.store(out, round_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+    else:
+        tl.store(out + tl.program_id(1) * M * N, acc, mask=out_mask)
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """BLOCK_N rows of W per program, NBK blocks of K per step, K cut into split_k slices."""
+
+    block_n: int = 128
+    nbk: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+
+
+# Programs the launch aims for, and the fewest blocks a slice keeps (H200 sweep, docs/BENCHMARKS_GPU.md): with
+# 128-row tiles, split-K 4 / 16 / 8 / 32 / 16 on the five Llama shapes measured as fast as or faster than twice
+# that; 64-row tiles, two blocks a step, 8 warps or other pipeline depths were slower.
+_TARGET_PROGRAMS = 1024
+_MIN_BLOCKS_PER_SLICE = 8
+
+
+def default_config(n: int, k: int, blocksize: int) -> MmaConfig:
+    """128-row tiles, one block a step, split-K doubled while under the target count of programs."""
+    config = MmaConfig()
+    blocks = k // blocksize
+    want = max(1, _TARGET_PROGRAMS // triton.cdiv(n, config.block_n))
+    split_k = 1
+    while split_k * 2 <= want and blocks // (split_k * 2) >= _MIN_BLOCKS_PER_SLICE:
+        split_k *= 2
+    return MmaConfig(split_k=split_k)
+
+
+# Rows of x the kernel takes: its time is flat in M up to the tensor-core tile (16 rows); ops sends
+# MIN_M <= M <= MAX_M here. Below MIN_M the FMA kernel (gemv.py) is faster, above MAX_M dequantize + cuBLAS.
+MIN_M = 2
+MAX_M = 16
+
+
+def supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
+    """Whether the kernel takes x (bf16 or fp16: the levels are x's dtype) against rows of k = whole blocks."""
+    return x.dtype in (torch.bfloat16, torch.float16) and k % blocksize == 0 and blocksize >= 32
+
+
+def mma(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_quant_map: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
+    blocksize: int,
+    n: int,
+    bias: torch.Tensor | None,
+    config: MmaConfig | None = None,
+) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, 1 <= M <= MAX_M) @ W[n, K]^T (+ bias) -> [M, n] in x's dtype."""
+    m, k = x.shape
+    assert 1 <= m <= MAX_M and supported(x, k, blocksize), (x.shape, x.dtype, blocksize)
+    config = config or default_config(n, k, blocksize)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    split = config.split_k
+    partial = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    double_quant = nested_absmax is not None
+    grid = (triton.cdiv(n, config.block_n), split)
+    wrap_triton(_mma_kernel)[grid](
+        x,
+        data,
+        absmax,
+        quant_map,
+        nested_absmax if double_quant else absmax,
+        nested_quant_map if double_quant else quant_map,
+        nested_offset if double_quant else absmax,
+        bias if bias is not None else out,
+        partial,
+        m,
+        n,
+        k,
+        x.stride(0),
+        BLOCKSIZE=blocksize,
+        DOUBLE_QUANT=double_quant,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=16,
+        BLOCK_N=config.block_n,
+        NBK=config.nbk,
+        SPLIT_K=split,
+        INTERPRETED=interpreted(),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if split > 1:
+        split_k_sum(partial, bias, out)
+    return out
