@@ -48,40 +48,32 @@ def _byte_tables(table_x):
     return h0, h1, h2, h3, l0, l1, l2, l3
 
 
-# One half word of codes (4 nibbles in bits 0-15 of %w) -> 4 16-bit levels, from the byte tables in registers:
-# prmt picks byte (nibble & 7) of a register pair, so each byte of the level is looked up twice (codes 0-7 and
-# 8-15) and a lop3 keeps the one that bit 3 of the nibble names; two more prmts put the bytes back together.
-_HALF = """
-    and.b32 sel, w, 0x7777;
-    prmt.b32 ha, $5, $9, sel;
-    prmt.b32 hb, $13, $17, sel;
-    prmt.b32 la, $21, $25, sel;
-    prmt.b32 lb, $29, $33, sel;
-    shr.b32 m, w, 3;
-    and.b32 m, m, 0x1111;
-    prmt.b32 m, k, k, m;
-    lop3.b32 ha, ha, hb, m, 0xD8;
-    lop3.b32 la, la, lb, m, 0xD8;
-    prmt.b32 $HI, la, ha, 0x7351;
-    prmt.b32 $LO, la, ha, 0x6240;
-"""
-_PRMT_ASM = tl.constexpr(
-    "{ .reg .b32 w, k, sel, m, ha, hb, la, lb; mov.b32 k, 0xFF00; mov.b32 w, $4;"
-    + _HALF.replace("$HI", "$0").replace("$LO", "$2")
-    + "shr.b32 w, $4, 16;"
-    + _HALF.replace("$HI", "$1").replace("$LO", "$3")
-    + "}"
-)
-
-
 # codes (uint8, 4 consecutive bytes a thread) -> (levels of the high nibbles, of the low nibbles) as 16-bit
-# patterns typed bf16 (the caller bitcasts them for fp16 x).
+# patterns typed bf16 (the caller bitcasts them for fp16 x). Per half word of codes (4 nibbles in bits 0-15 of w):
+# prmt picks byte (nibble & 7) of a register pair ($5/$9 ...: the byte tables; each 32-bit operand of a pack-4 asm
+# comes as 4 registers), so each byte of a level is looked up twice (codes 0-7 and 8-15) and a lop3 keeps the one
+# that bit 3 of the nibble names (mask m: 0xFF where it is set); two more prmts put the levels' bytes together.
+# The string is one literal, not a module constant: Inductor copies the kernel's source, not its globals.
 @triton.jit
 def _levels_prmt(codes, h0, h1, h2, h3, l0, l1, l2, l3):
     return tl.inline_asm_elementwise(
-        _PRMT_ASM, "=r,=r,=r,=r,r" + ",r" * 32, [codes, h0, h1, h2, h3, l0, l1, l2, l3],
-        dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
-    )  # fmt: skip
+        "{ .reg .b32 w, k, sel, m, ha, hb, la, lb; mov.b32 k, 0xFF00; mov.b32 w, $4; "
+        "and.b32 sel, w, 0x7777; prmt.b32 ha, $5, $9, sel; prmt.b32 hb, $13, $17, sel; "
+        "prmt.b32 la, $21, $25, sel; prmt.b32 lb, $29, $33, sel; shr.b32 m, w, 3; and.b32 m, m, 0x1111; "
+        "prmt.b32 m, k, k, m; lop3.b32 ha, ha, hb, m, 0xD8; lop3.b32 la, la, lb, m, 0xD8; "
+        "prmt.b32 $0, la, ha, 0x7351; prmt.b32 $2, la, ha, 0x6240; "
+        "shr.b32 w, $4, 16; "
+        "and.b32 sel, w, 0x7777; prmt.b32 ha, $5, $9, sel; prmt.b32 hb, $13, $17, sel; "
+        "prmt.b32 la, $21, $25, sel; prmt.b32 lb, $29, $33, sel; shr.b32 m, w, 3; and.b32 m, m, 0x1111; "
+        "prmt.b32 m, k, k, m; lop3.b32 ha, ha, hb, m, 0xD8; lop3.b32 la, la, lb, m, 0xD8; "
+        "prmt.b32 $1, la, ha, 0x7351; prmt.b32 $3, la, ha, 0x6240; "
+        "}",
+        "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+        [codes, h0, h1, h2, h3, l0, l1, l2, l3],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=4,
+    )
 
 
 # Step s of a program covers blocks [s*NBK, (s+1)*NBK) of its rows; for block b (byte j holds the codes of
