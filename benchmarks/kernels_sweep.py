@@ -50,8 +50,8 @@ def variants(n: int, k: int, m: int) -> dict[str, kgemv.GemvConfig]:
 
 
 def mma_variants(n: int, k: int) -> dict[str, kmma.MmaConfig]:
-    """Tensor-core kernel configs: the default and single changes to it."""
-    d = kmma.default_config(n, k, 64)
+    """Tensor-core kernel configs: the default for M <= 16 and single changes to it."""
+    d = kmma.default_config(n, k, 64, 16)
     return {
         "default": d,
         "split/2": dataclasses.replace(d, split_k=max(1, d.split_k // 2)),

@@ -154,7 +154,7 @@ MMA_CONFIGS = [None, kmma.MmaConfig(block_n=32, nbk=2, split_k=3), kmma.MmaConfi
 @pytest.mark.parametrize("config", MMA_CONFIGS, ids=["default", "split3-nbk2", "rows16-split4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
 def test_mma_matches_dequantize_then_fp32_matmul(
     nkb: tuple, config: kmma.MmaConfig | None, dtype: torch.dtype, double_quant: bool, m: int
 ) -> None:

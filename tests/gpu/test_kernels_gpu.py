@@ -135,10 +135,10 @@ def test_matmul_of_an_empty_batch() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("nkb", [(4097, 4096, 64), (28672, 8192, 64), (300, 1024, 32), (1000, 2048, 128)])
-@pytest.mark.parametrize("m", [2, 5, 16])
+@pytest.mark.parametrize("m", [2, 5, 16, 33, 64])
 def test_mma_small_batches(quant_type: str, dtype: torch.dtype, double_quant: bool, nkb: tuple, m: int) -> None:
-    # the tensor-core kernel (2 <= M <= 16, bf16/fp16): its register lookup (inline PTX) for each level table and
-    # dtype, an odd N (a partial row tile), a 70B projection, blocksizes 32 and 128
+    # the tensor-core kernel (2 <= M <= 64, bf16/fp16; x tiles of 16, 64 rows): its register lookup (inline PTX)
+    # for each level table and dtype, an odd N (a partial row tile), a 70B projection, blocksizes 32 and 128
     n, k, blocksize = nkb
     q = ops.quantize(torch.randn(n, k, device="cuda"), quant_type, blocksize, double_quant)
     x = torch.randn(m, k, device="cuda", dtype=dtype)

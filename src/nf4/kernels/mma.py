@@ -1,17 +1,21 @@
 """Fused dequantize-matmul on tensor cores for small batches: out = x @ W^T (+ bias), W read once as 4-bit codes.
 
-The FMA kernel (gemv.py) spends ~8 instructions a weight for each row of x, so its time grows with M and from
-M = 3 it loses to this one. Here a program decodes a [BLOCK_N, blocksize] tile of W to x's dtype in registers and
-hands it to ``tl.dot`` against x's [16, blocksize] tile (rows past M are zeros): the multiply-adds run on tensor
-cores, so the time is flat in M up to 16 rows, and W's bytes are streamed once. Split-K slices and their
-deterministic sum are as in gemv.py.
+The FMA kernel (gemv.py) spends ~8 instructions a weight for each row of x, so its time grows with M; from M = 2
+this kernel is faster. A program decodes a [BLOCK_N, blocksize] tile of W to x's dtype in registers and hands it
+to ``tl.dot`` against x's [16-64, blocksize] tile (rows past M are zeros): the multiply-adds run on tensor cores,
+so the time is flat in M up to 16 rows and grows slowly to 64, and W's bytes are streamed once. Split-K slices
+and their deterministic sum are as in gemv.py.
 
-The decode is the cost (H200 sweep, docs/BENCHMARKS_GPU.md). Levels gathered from a shared-memory table cost a
-byte extract, shift, address and load per nibble; here they come from registers: the 16 levels' high and low
-bytes sit in 8 registers and ``prmt`` (byte permute) picks 4 of them per instruction (_levels_prmt, inline
-PTX, ~3 instructions a weight), 17% faster than the gather. The levels are x's dtype and each block's product is
-scaled by its absmax in fp32 afterwards, so a weight is rounded once, to within x's rounding of
-``level * absmax`` (dequantize rounds that product itself; the results agree to the output's rounding).
+What the H200 sweeps taught (docs/BENCHMARKS_GPU.md):
+- x's tile must feed the dot straight from its load (a plain 2-D tile), so that Triton pipelines it with the
+  codes; loaded as element pairs and split, every step waited for it (0.174 ms against 0.109 on 28672x8192);
+- the levels come from registers: the 16 levels' high and low bytes sit in 8 registers and ``prmt`` (byte
+  permute) picks 4 of them per instruction (_levels_prmt, inline PTX, ~3 instructions a weight), 17% faster than
+  a shared-memory gather;
+- the levels are x's dtype and each block's product is scaled by its absmax in fp32 afterwards, so a weight is
+  rounded once, to within x's rounding of ``level * absmax`` (dequantize rounds that product itself; the results
+  agree to the output's rounding). dequantize's exact values need fp32 levels from a gather and the scale before
+  the dot: 0.211 ms against 0.175 for this (28672x8192, both with x still read as pairs).
 
 Needs K % blocksize == 0 and x in bf16 or fp16; other inputs take gemv.py or dequantize + cuBLAS (gemm.py).
 """
@@ -167,28 +171,30 @@ class MmaConfig:
     split_k: int = 1
 
 
-# Programs the launch aims for, and the fewest blocks a slice keeps (H200 sweep, docs/BENCHMARKS_GPU.md): with
-# 128-row tiles, split-K 4 / 16 / 8 / 32 / 16 on the five Llama shapes measured as fast as or faster than twice
-# that; 64-row tiles, two blocks a step, 8 warps or other pipeline depths were slower.
-_TARGET_PROGRAMS = 1024
+# Rows x slices the launch aims for, and the fewest blocks a slice keeps (H200 sweeps, docs/BENCHMARKS_GPU.md):
+# split-K 4 / 16 / 8 / 32 / 16 on the five Llama shapes (N = 28672 / 8192 / 14336 / 4096 / 4096) measured as fast
+# as or faster than half or twice that; two blocks a step, 8 warps or other pipeline depths were slower.
+_TARGET_ROW_SLICES = 1024 * 128
 _MIN_BLOCKS_PER_SLICE = 8
 
 
-def default_config(n: int, k: int, blocksize: int) -> MmaConfig:
-    """128-row tiles, one block a step, split-K doubled while under the target count of programs."""
-    config = MmaConfig()
+def default_config(n: int, k: int, blocksize: int, m: int) -> MmaConfig:
+    """128-row tiles up to 16 rows of x (64-row tiles for 32 and 64: measured 2-5% faster, and the fp32
+    accumulator stays at 32 registers a thread), one block a step, split-K doubled up to the target."""
     blocks = k // blocksize
-    want = max(1, _TARGET_PROGRAMS // triton.cdiv(n, config.block_n))
+    want = max(1, _TARGET_ROW_SLICES // n)
     split_k = 1
     while split_k * 2 <= want and blocks // (split_k * 2) >= _MIN_BLOCKS_PER_SLICE:
         split_k *= 2
-    return MmaConfig(split_k=split_k)
+    return MmaConfig(block_n=128 if m <= 16 else 64, split_k=split_k)
 
 
-# Rows of x the kernel takes: its time is flat in M up to the tensor-core tile (16 rows); ops sends
-# MIN_M <= M <= MAX_M here. Below MIN_M the FMA kernel (gemv.py) is faster, above MAX_M dequantize + cuBLAS.
+# Rows of x the kernel takes (ops sends MIN_M <= M <= MAX_M here). x's tile is M rounded up to 16, 32 or 64
+# rows; the time is flat in M up to 16 and grows slowly to 64 (28672x8192: 0.111 / 0.128 / 0.159 ms at M = 16 /
+# 32 / 64, against 0.278-0.281 for dequantize + cuBLAS). At M = 128 it lost to that on 14336x4096 (0.100 vs
+# 0.080 ms). Below MIN_M the FMA kernel (gemv.py) is faster.
 MIN_M = 2
-MAX_M = 16
+MAX_M = 64
 
 
 def supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
@@ -212,7 +218,7 @@ def mma(
     """x [M, K] (bf16/fp16, 1 <= M <= MAX_M) @ W[n, K]^T (+ bias) -> [M, n] in x's dtype."""
     m, k = x.shape
     assert 1 <= m <= MAX_M and supported(x, k, blocksize), (x.shape, x.dtype, blocksize)
-    config = config or default_config(n, k, blocksize)
+    config = config or default_config(n, k, blocksize, m)
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -237,7 +243,7 @@ def mma(
         BLOCKSIZE=blocksize,
         DOUBLE_QUANT=double_quant,
         HAS_BIAS=bias is not None,
-        BLOCK_M=16,
+        BLOCK_M=max(16, triton.next_power_of_2(m)),
         BLOCK_N=config.block_n,
         NBK=config.nbk,
         SPLIT_K=split,
