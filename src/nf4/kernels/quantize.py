@@ -17,8 +17,8 @@ from torch.library import wrap_triton
 from nf4 import codebook, format
 from nf4.kernels.common import flush, interpreted, reciprocal_approx
 
-# 8 elements a thread (8 warps): on an H200 the 4-bit pass of a 28672x8192 bf16 weight took 0.383 ms at 2048
-# elements a program, 0.426 at 4096, 0.437 at 1024, 0.630 at 8192 (docs/BENCHMARKS.md).
+# 8 elements a thread (8 warps): on an H200 the 4-bit pass of a 28672x8192 bf16 weight took 0.289 ms at 2048
+# elements a program, 0.319 at 4096 (the 128-bucket encoder: 0.383 / 0.426, 0.437 at 1024, 0.630 at 8192).
 _ELEMENTS_PER_PROGRAM = 2048
 
 
@@ -26,8 +26,8 @@ _ELEMENTS_PER_PROGRAM = 2048
 #   nf4/int4: code = #{thresholds t : y > t}                       (ties to the lower code)
 #   fp4:      code = code_of_rank[#{t : |y| > t}] | (y < 0) << 3  (sign-magnitude)
 # nf4/int4 look the count up: y falls in one of 2*BUCKETS equal buckets over [-1, 1) (ends clamped), and
-#   code = below[b] + (y > first[b]) + (y > second[b])
-# where below[b] counts the thresholds under bucket b's window and first/second are the (at most two) thresholds
+#   code = below[b] + (y > first[b])
+# where below[b] counts the thresholds under bucket b's window and first[b] is the (at most one) threshold
 # inside it (+inf if none). The window is the bucket widened by 2**-20 on each side, far more than the fp32
 # rounding of the bucket arithmetic can move y across an edge, so the count is exact for every y (tables: _tables).
 # The bucket is read off the bits of (v - 0.5) + 1.5 * 2**23 (v = (y + 1) * BUCKETS clamped, NaN to 0): no
@@ -48,8 +48,7 @@ def _encode(y, tables_ptr, NTHRESHOLDS: tl.constexpr, SIGN_MAGNITUDE: tl.constex
         i = tl.arange(0, NB)
         below = tl.reshape(tl.gather(tl.load(tables_ptr + i), flat, 0), y.shape)
         first = tl.reshape(tl.gather(tl.load(tables_ptr + NB + i), flat, 0), y.shape).to(tl.float32, bitcast=True)
-        second = tl.reshape(tl.gather(tl.load(tables_ptr + 2 * NB + i), flat, 0), y.shape).to(tl.float32, bitcast=True)
-        code = below + (y > first).to(tl.int32) + (y > second).to(tl.int32)
+        code = below + (y > first).to(tl.int32)
     return code
 
 
@@ -61,9 +60,10 @@ def _max_keeping_nan(a, b):
 # A program quantizes NB whole blocks, loaded as [NB, BS] (16-byte loads along a block), then split into pairs
 # (2j, 2j+1) for the high and low nibble of byte j.   x <- flush(x);  absmax_b = max |x| over block b (NaN if any
 # x is);  y = x * rcp(absmax_b), flushed where the sign is coded (fp4; a subnormal y codes as 0 everywhere else).
-# Compiled for sm_90 (nf4, bf16, 8 warps; ptxas 13.4 offline): 16-byte loads and ~32 instructions an element with
-# the bucket lookup, against ~40 for the binary search of selects before it (the first version: 2-byte loads,
-# 15 comparisons and 256 shuffles a thread).
+# Compiled for sm_90 (nf4, bf16, 8 warps; ptxas 13.4 offline): 16-byte loads, 312 instructions a thread for its 8
+# elements with the 32-bucket lookup (352 with the earlier 128 buckets and three gathers; the first version had
+# 2-byte loads, 15 comparisons and 256 shuffles a thread). On an H200 the encode is a third of the time: with it
+# replaced by a cheap function the pass takes 1.41x its floor, with it 2.09x (28672x8192, docs/BENCHMARKS.md).
 @triton.jit
 def _quantize_kernel(
     x_ptr,
@@ -138,25 +138,26 @@ def _double_quantize_kernel(
     tl.store(nested_absmax_ptr + tl.program_id(0), nested_absmax)
 
 
-# Buckets a side of 0 in the nf4/int4 lookup: 1/64 wide, narrower than any gap between two thresholds.
-_BUCKETS = 64
+# Buckets a side of 0 in the nf4/int4 lookup: 1/16 wide, narrower than any gap between two thresholds (nf4's
+# smallest: 0.0805), so a window holds at most one; 32 entries a table, one per shared-memory bank.
+_BUCKETS = 16
 _WINDOW = 2.0**-20
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
 def _bucket_tables(thresholds: list[float]) -> torch.Tensor:
-    """int32 [3, 2*_BUCKETS]: below, then first and second as fp32 bits, of every bucket (see _encode)."""
+    """int32 [2, 2*_BUCKETS]: below, then first as fp32 bits, of every bucket (see _encode)."""
     nb = 2 * _BUCKETS
     below = torch.zeros(nb, dtype=torch.int32)
-    inside = torch.full((2, nb), float("inf"), dtype=torch.float32)
+    first = torch.full((nb,), float("inf"), dtype=torch.float32)
     for b in range(nb):
         lo = -math.inf if b == 0 else b / _BUCKETS - 1 - _WINDOW
         hi = math.inf if b == nb - 1 else (b + 1) / _BUCKETS - 1 + _WINDOW
         ts = [t for t in thresholds if lo <= t < hi]  # float64 comparisons of the exact fp32 thresholds
-        assert len(ts) <= 2, (b, ts)
+        assert len(ts) <= 1, (b, ts)
         below[b] = sum(t < lo for t in thresholds)
-        inside[: len(ts), b] = torch.tensor(ts, dtype=torch.float32)
-    return torch.cat([below[None], inside.view(torch.int32)])
+        first[b] = ts[0] if ts else float("inf")
+    return torch.stack([below, first.view(torch.int32)])
 
 
 def _tables(quant_type: str, device: torch.device) -> torch.Tensor:
