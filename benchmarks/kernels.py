@@ -1,8 +1,10 @@
 """NF4 kernels against the device copy floor, bitsandbytes and bf16 torch.matmul, on one GPU in one process.
 
-Usage: python benchmarks/kernels.py [--out DIR]. Prints one JSON line per measurement, a table
+Usage: python benchmarks/kernels.py [--out DIR] [--shapes A,B]. Prints one JSON line per measurement, a table
 last, and writes kernels.json to DIR. Medians of CUDA-event timings (triton.testing.do_bench); M <= 128, dequantize
-and the quantize kernels replayed under a CUDA graph, where launch gaps vanish. --sweep: more gemv tiles.
+and the quantize kernels replayed under a CUDA graph, where launch gaps vanish (the quantize op itself reads its
+offset on the host, so it is timed eagerly). Last, the linear layers of an 8B decode step at batch 1 and 16.
+benchmarks/kernels_sweep.py times the kernels' tile configurations.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
-    decode_step()
+    decode_step(1)
+    decode_step(16)
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
     summary()
@@ -116,7 +119,9 @@ def bench_shape(name: str, copy_gbps: float) -> None:
     )
     floor = 2.5 * n * k / copy_gbps / 1e6
     t_q = bench(lambda: ops.quantize(w))
-    t_q_kernels = bench(lambda: kquantize.double_quantize(kquantize.quantize_4bit(w, "nf4", 64)[1], q.nested_quant_map))
+    t_q_kernels = bench(
+        lambda: kquantize.double_quantize(kquantize.quantize_4bit(w, "nf4", 64)[1], q.nested_quant_map), graph=True
+    )
     t_bq = bench(lambda: bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True))
     record(
         what="quantize",
@@ -189,8 +194,8 @@ def bench_matmul(name: str, m: int, w: torch.Tensor, q: nf4.QuantizedTensor, bnb
     record(**row)
 
 
-def decode_step() -> None:
-    """All linear layers of one Llama-8B-shaped decode step (32 layers, batch 1), CUDA-graph timed."""
+def decode_step(batch: int = 1) -> None:
+    """All linear layers of one Llama-8B-shaped decode step (32 layers, ``batch`` sequences), CUDA-graph timed."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
@@ -202,7 +207,7 @@ def decode_step() -> None:
             ours.append(ops.quantize(w))
             theirs.append(bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True))
             weights.append(w)
-    xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
+    xs = {k: torch.randn(batch, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
 
     def step_bf16() -> None:
         for w in weights:
@@ -228,8 +233,9 @@ def decode_step() -> None:
         times[label] = triton.testing.do_bench(g.replay, warmup=10, rep=200, return_mode="median")
     record(
         what="decode_step_8B_linears",
+        batch=batch,
         **{f"{k}_ms": round(v, 4) for k, v in times.items()},
-        **{f"{k}_tok_s": round(1000 / v, 1) for k, v in times.items()},
+        **{f"{k}_tok_s": round(1000 * batch / v, 1) for k, v in times.items()},
         ours_speedup_vs_bf16=round(times["bf16"] / times["ours"], 2),
         bnb_speedup_vs_bf16=round(times["bf16"] / times["bnb"], 2),
     )
