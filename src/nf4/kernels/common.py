@@ -1,11 +1,13 @@
-"""Pieces shared by the kernels: exact fp32 arithmetic and the per-block absmax decode."""
+"""Pieces shared by the kernels: exact fp32 arithmetic, the per-block absmax decode, the matmul launch."""
 
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
 
@@ -81,3 +83,73 @@ def round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+# out[i] = sum over the SPLIT_K slices of partial[:, i] (+ bias[i % N]), in slice order, rounded once.
+@triton.jit
+def _split_k_sum_kernel(
+    partial_ptr, bias_ptr, out_ptr, numel, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < numel
+    total = tl.zeros((BLOCK,), tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(partial_ptr + s * numel + i, mask=mask, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + i, round_to(total, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+def launch(
+    kernel: triton.JITFunction,
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    k: int,
+    qargs: tuple,
+    n: int,
+    bias: torch.Tensor | None,
+    block_n: int,
+    split_k: int,
+    num_warps: int,
+    **consts: object,
+) -> torch.Tensor:
+    """Run a fused matmul kernel (gemv.py, mma.py: the same leading arguments) over (row tiles, split_k slices) and
+    sum the slices: -> out [M, n] of ``dtype``. x is the kernel's view of x [M, k] (unit column stride; gemv reads
+    bf16/fp16 as int32 pairs); absent optional tensors are passed as another tensor, which the kernel's constexpr
+    flags keep it from reading."""
+    data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize = qargs
+    m = x.shape[0]
+    out = torch.empty((m, n), dtype=dtype, device=x.device)
+    partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    double_quant = nested_absmax is not None
+    wrap_triton(kernel)[(triton.cdiv(n, block_n), split_k)](
+        x,
+        data,
+        absmax,
+        quant_map,
+        nested_absmax if double_quant else absmax,
+        nested_quant_map if double_quant else quant_map,
+        nested_offset if double_quant else absmax,
+        bias if bias is not None else out,
+        partial,
+        m,
+        n,
+        k,
+        x.stride(0),
+        BLOCKSIZE=blocksize,
+        DOUBLE_QUANT=double_quant,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block_n,
+        SPLIT_K=split_k,
+        INTERPRETED=interpreted(),
+        num_warps=num_warps,
+        **consts,
+    )
+    if split_k > 1:
+        block = 1024
+        wrap_triton(_split_k_sum_kernel)[(triton.cdiv(m * n, block),)](
+            partial, bias if bias is not None else out, out, m * n, n, SPLIT_K=split_k, HAS_BIAS=bias is not None,
+            BLOCK=block, INTERPRETED=interpreted(), num_warps=4,
+        )  # fmt: skip
+    return out

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from nf4.kernels.common import interpreted, load_absmax, round_to
+from nf4.kernels.common import launch, load_absmax, round_to
 
 # x is read as words of two consecutive elements: word j = (x[2j] low half, x[2j + 1] high half).
 _WORD = {torch.bfloat16: torch.int32, torch.float16: torch.int32}
@@ -144,22 +143,6 @@ def _gemv_kernel(
         tl.store(out + tl.program_id(1) * M * N, result, mask=out_mask)
 
 
-# out[i] = sum over the SPLIT_K slices of partial[:, i] (+ bias[i % N]), in slice order, rounded once.
-@triton.jit
-def _split_k_sum_kernel(
-    partial_ptr, bias_ptr, out_ptr, numel, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-    INTERPRETED: tl.constexpr,
-):  # fmt: skip
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < numel
-    total = tl.zeros((BLOCK,), tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        total += tl.load(partial_ptr + s * numel + i, mask=mask, other=0.0)
-    if HAS_BIAS:
-        total += tl.load(bias_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + i, round_to(total, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
-
-
 @dataclass(frozen=True)
 class GemvConfig:
     """BLOCK_N rows of W per program, NBK blocks of K per step, K cut into split_k slices."""
@@ -226,47 +209,8 @@ def gemv(
         x_arg, x_kind = x.view(_WORD[x.dtype]), 0 if x.dtype == torch.bfloat16 else 1
     else:
         x_arg, x_kind = (x if x.stride(1) == 1 else x.contiguous()), 2
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    split = config.split_k
-    partial = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    double_quant = nested_absmax is not None
-    grid = (triton.cdiv(n, config.block_n), split)
-    wrap_triton(_gemv_kernel)[grid](
-        x_arg,
-        data,
-        absmax,
-        quant_map,
-        nested_absmax if double_quant else absmax,
-        nested_quant_map if double_quant else quant_map,
-        nested_offset if double_quant else absmax,
-        bias if bias is not None else out,
-        partial,
-        m,
-        n,
-        k,
-        x_arg.stride(0),
-        BLOCKSIZE=blocksize,
-        DOUBLE_QUANT=double_quant,
-        HAS_BIAS=bias is not None,
-        X_KIND=x_kind,
-        BLOCK_M=triton.next_power_of_2(m),
-        BLOCK_N=config.block_n,
-        NBK=config.nbk,
-        SPLIT_K=split,
-        PREFETCH=config.prefetch,
-        INTERPRETED=interpreted(),
-        num_warps=config.num_warps,
-    )
-    if split > 1:
-        split_k_sum(partial, bias, out)
-    return out
-
-
-def split_k_sum(partial: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """out [M, N] = the sum over partial's [SPLIT_K, M, N] fp32 slices (+ bias), in slice order."""
-    split, m, n = partial.shape
-    block = 1024
-    wrap_triton(_split_k_sum_kernel)[(triton.cdiv(m * n, block),)](
-        partial, bias if bias is not None else out, out, m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None,
-        BLOCK=block, INTERPRETED=interpreted(), num_warps=4,
+    qargs = (data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize)
+    return launch(
+        _gemv_kernel, x_arg, x.dtype, k, qargs, n, bias, config.block_n, config.split_k, config.num_warps,
+        X_KIND=x_kind, BLOCK_M=triton.next_power_of_2(m), NBK=config.nbk, PREFETCH=config.prefetch,
     )  # fmt: skip

@@ -4,7 +4,7 @@ The FMA kernel (gemv.py) spends ~8 instructions a weight for each row of x, so i
 this kernel is faster. A program decodes a [BLOCK_N, blocksize] tile of W to x's dtype in registers and hands it
 to ``tl.dot`` against x's [16-64, blocksize] tile (rows past M are zeros): the multiply-adds run on tensor cores,
 so the time is flat in M up to 16 rows and grows slowly to 64, and W's bytes are streamed once. Split-K slices
-and their deterministic sum are as in gemv.py.
+and their deterministic sum are as in gemv.py (common.launch).
 
 What the H200 sweeps taught (docs/BENCHMARKS_GPU.md):
 - x's tile must feed the dot straight from its load (a plain 2-D tile), so that Triton pipelines it with the
@@ -27,10 +27,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from nf4.kernels.common import interpreted, load_absmax, round_to
-from nf4.kernels.gemv import split_k_sum
+from nf4.kernels.common import launch, load_absmax, round_to
 
 
 # The 16 levels in x's dtype (bf16/fp16 bits) as 8 words of bytes, the table of _levels_prmt:
@@ -221,36 +219,8 @@ def mma(
     config = config or default_config(n, k, blocksize, m)
     if x.stride(1) != 1:
         x = x.contiguous()
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    split = config.split_k
-    partial = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    double_quant = nested_absmax is not None
-    grid = (triton.cdiv(n, config.block_n), split)
-    wrap_triton(_mma_kernel)[grid](
-        x,
-        data,
-        absmax,
-        quant_map,
-        nested_absmax if double_quant else absmax,
-        nested_quant_map if double_quant else quant_map,
-        nested_offset if double_quant else absmax,
-        bias if bias is not None else out,
-        partial,
-        m,
-        n,
-        k,
-        x.stride(0),
-        BLOCKSIZE=blocksize,
-        DOUBLE_QUANT=double_quant,
-        HAS_BIAS=bias is not None,
-        BLOCK_M=max(16, triton.next_power_of_2(m)),
-        BLOCK_N=config.block_n,
-        NBK=config.nbk,
-        SPLIT_K=split,
-        INTERPRETED=interpreted(),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-    if split > 1:
-        split_k_sum(partial, bias, out)
-    return out
+    qargs = (data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize)
+    return launch(
+        _mma_kernel, x, x.dtype, k, qargs, n, bias, config.block_n, config.split_k, config.num_warps,
+        BLOCK_M=max(16, triton.next_power_of_2(m)), NBK=config.nbk, num_stages=config.num_stages,
+    )  # fmt: skip
