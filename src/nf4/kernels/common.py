@@ -85,6 +85,23 @@ def round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
         return x.to(dtype)
 
 
+# The end of a fused matmul program: its fp32 tile result [BLOCK_N, BLOCK_M] of rows x mcol goes to out [M, N]
+# (+ bias, rounded to out's dtype), or, split, to its slice of the fp32 partials [SPLIT_K, M, N] (out_ptr then).
+@triton.jit
+def store_tile(
+    result, rows, mcol, M, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    mask = (rows < N)[:, None] & (mcol < M)[None, :]
+    out = out_ptr + mcol[None, :] * N + rows[:, None]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + tl.minimum(rows, N - 1)).to(tl.float32)[:, None]
+        tl.store(out, round_to(result, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+    else:
+        tl.store(out + tl.program_id(1) * M * N, result, mask=mask)
+
+
 # out[i] = sum over the SPLIT_K slices of partial[:, i] (+ bias[i % N]), in slice order, rounded once.
 @triton.jit
 def _split_k_sum_kernel(

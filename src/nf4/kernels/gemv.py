@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import launch, load_absmax, round_to
+from nf4.kernels.common import launch, load_absmax, store_tile
 
 # x is read as words of two consecutive elements: word j = (x[2j] low half, x[2j + 1] high half).
 _WORD = {torch.bfloat16: torch.int32, torch.float16: torch.int32}
@@ -133,14 +133,7 @@ def _gemv_kernel(
         result = tl.sum(acc, axis=1)[:, None]  # [BLOCK_N, 1]
     else:
         result = acc
-    out_mask = (rows < N)[:, None] & (mcol < M)[None, :]
-    out = out_ptr + mcol[None, :] * N + rows[:, None]  # out: [M, N] or, split, [SPLIT_K, M, N] fp32
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            result += tl.load(bias_ptr + rn).to(tl.float32)[:, None]
-        tl.store(out, round_to(result, out_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
-    else:
-        tl.store(out + tl.program_id(1) * M * N, result, mask=out_mask)
+    store_tile(result, rows, mcol, M, N, bias_ptr, out_ptr, HAS_BIAS, SPLIT_K, INTERPRETED)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import launch, load_absmax, round_to
+from nf4.kernels.common import launch, load_absmax, round_to, store_tile
 
 
 # The 16 levels in x's dtype (bf16/fp16 bits) as 8 words of bytes, the table of _levels_prmt:
@@ -148,14 +148,7 @@ def _mma_kernel(
             else:
                 part = tl.dot(w, tl.trans(xt))
             acc += part * absmax
-    out_mask = (rows < N)[:, None] & (mrow < M)[None, :]
-    out = out_ptr + mrow[None, :] * N + rows[:, None]  # out: [M, N] or, split, [SPLIT_K, M, N] fp32
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn).to(tl.float32)[:, None]
-        tl.store(out, round_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
-    else:
-        tl.store(out + tl.program_id(1) * M * N, acc, mask=out_mask)
+    store_tile(acc, rows, mrow, M, N, bias_ptr, out_ptr, HAS_BIAS, SPLIT_K, INTERPRETED)
 
 
 @dataclass(frozen=True)
