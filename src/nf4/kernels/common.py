@@ -118,6 +118,20 @@ def _split_k_sum_kernel(
     tl.store(out_ptr + i, round_to(total, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
+def scale_args(
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_quant_map: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """The five scale arguments of a kernel; without double quant the nested ones are stand-ins (tensors the
+    kernel's DOUBLE_QUANT=False never reads: a Triton pointer argument cannot be None)."""
+    if nested_absmax is None:
+        return absmax, quant_map, absmax, quant_map, absmax
+    return absmax, quant_map, nested_absmax, nested_quant_map, nested_offset
+
+
 def launch(
     kernel: triton.JITFunction,
     x: torch.Tensor,
@@ -133,8 +147,7 @@ def launch(
 ) -> torch.Tensor:
     """Run a fused matmul kernel (gemv.py, mma.py: the same leading arguments) over (row tiles, split_k slices) and
     sum the slices: -> out [M, n] of ``dtype``. x is the kernel's view of x [M, k] (unit column stride; gemv reads
-    bf16/fp16 as int32 pairs); absent optional tensors are passed as another tensor, which the kernel's constexpr
-    flags keep it from reading."""
+    bf16/fp16 as int32 pairs)."""
     data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize = qargs
     m = x.shape[0]
     out = torch.empty((m, n), dtype=dtype, device=x.device)
@@ -143,11 +156,7 @@ def launch(
     wrap_triton(kernel)[(triton.cdiv(n, block_n), split_k)](
         x,
         data,
-        absmax,
-        quant_map,
-        nested_absmax if double_quant else absmax,
-        nested_quant_map if double_quant else quant_map,
-        nested_offset if double_quant else absmax,
+        *scale_args(absmax, quant_map, nested_absmax, nested_quant_map, nested_offset),
         bias if bias is not None else out,
         partial,
         m,

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from nf4.kernels.common import flush, interpreted, load_absmax, round_to
+from nf4.kernels.common import flush, interpreted, load_absmax, round_to, scale_args
 
 # Bytes of codes per program, from H200 sweeps (docs/BENCHMARKS_GPU.md): 64 bytes of codes a thread, enough in
 # flight per SM to reach copy bandwidth, few enough per program to fill the GPU. 4096 bytes with 2 warps measured
@@ -87,16 +87,7 @@ def dequantize(
     full = numel // blocksize  # whole blocks; a partial last block is launched on its own
     nb = max(1, _BYTES_PER_PROGRAM // (blocksize // 2))
     double_quant = nested_absmax is not None
-    args = (
-        data,
-        absmax,
-        quant_map,
-        nested_absmax if double_quant else absmax,
-        nested_quant_map if double_quant else quant_map,
-        nested_offset if double_quant else absmax,
-        out,
-        numel,
-    )
+    args = (data, *scale_args(absmax, quant_map, nested_absmax, nested_quant_map, nested_offset), out, numel)
     consts = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, INTERPRETED=interpreted())
     if full:
         wrap_triton(_dequantize_kernel)[(triton.cdiv(full, nb),)](
