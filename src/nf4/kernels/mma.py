@@ -10,8 +10,8 @@ What the H200 sweeps taught (docs/BENCHMARKS_GPU.md):
 - x's tile must feed the dot straight from its load (a plain 2-D tile), so that Triton pipelines it with the
   codes; loaded as element pairs and split, every step waited for it (0.174 ms against 0.109 on 28672x8192);
 - the levels come from registers: the 16 levels' high and low bytes sit in 8 registers and ``prmt`` (byte
-  permute) picks 4 of them per instruction (_levels_prmt, inline PTX, ~3 instructions a weight), 17% faster than
-  a shared-memory gather;
+  permute) picks 4 of them per instruction (_levels_prmt, inline PTX, ~3 instructions a weight): 0.175 ms
+  against 0.211 for a shared-memory gather (x still read as pairs then);
 - the levels are x's dtype and each block's product is scaled by its absmax in fp32 afterwards, so a weight is
   rounded once, to within x's rounding of ``level * absmax`` (dequantize rounds that product itself; the results
   agree to the output's rounding). dequantize's exact values need fp32 levels from a gather and the scale before
