@@ -123,7 +123,7 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool, mm
                                       blocksize=64, compress_statistics=True) for _ in range(copies)]  # fmt: skip
             row["bnb_ms"] = round(graph_ms([lambda b=b, x=x: bnb.matmul_4bit(x, b[0].t(), b[1]) for b in bqs]), 4)
             del bqs
-        todo = [(c, key, kgemv.gemv) for key, c in variants(n, k, m).items()] if m in MS and m <= kgemv.MAX_M else []
+        todo = [(c, key, kgemv.gemv) for key, c in variants(n, k, m).items()] if m in MS else []
         if mma and m in MMA_MS:
             todo += [(c, f"mma:{key}", kmma.mma) for key, c in mma_variants(n, k).items()]
         if baseline is not None and m <= kgemv.MAX_M:

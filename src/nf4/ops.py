@@ -130,8 +130,8 @@ def _matmul_impl(
 
 
 def _matmul_cuda(x: torch.Tensor, qargs: tuple) -> torch.Tensor:
-    """The fastest kernel for x's rows (H200 sweeps, docs/BENCHMARKS.md): the FMA kernel for 1-2 rows (fp32 x: up
-    to 4), the tensor-core one up to 64 (bf16/fp16), dequantize + cuBLAS beyond, for no rows and partial-block rows."""
+    """The fastest kernel for x's rows (H200 sweeps, docs/BENCHMARKS.md): the FMA kernel for one row (fp32 x: up to
+    4), the tensor-core one for 2-64 (bf16/fp16), dequantize + cuBLAS beyond, for no rows and partial-block rows."""
     m, k = x.shape
     blocksize = qargs[6]
     if m == 0 or not _kgemv.supported(k, blocksize):

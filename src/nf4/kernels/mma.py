@@ -162,9 +162,10 @@ class MmaConfig:
     split_k: int = 1
 
 
-# Rows x slices the launch aims for, and the fewest blocks a slice keeps (H200 sweeps, docs/BENCHMARKS_GPU.md):
-# split-K 4 / 16 / 8 / 32 / 16 on the five Llama shapes (N = 28672 / 8192 / 14336 / 4096 / 4096) measured as fast
-# as or faster than half or twice that; two blocks a step, 8 warps or other pipeline depths were slower.
+# Rows x slices the launch aims for, and the fewest blocks a slice keeps (H200 sweeps, docs/BENCHMARKS.md): the
+# split-K this gives on the five Llama shapes (N x K = 28672x8192 / 8192x28672 / 14336x4096 / 4096x14336 /
+# 4096x4096: 4 / 16 / 8 / 16 / 8) measured as fast as or faster than half or twice that; two blocks a step,
+# 8 warps or other pipeline depths were slower.
 _TARGET_ROW_SLICES = 1024 * 128
 _MIN_BLOCKS_PER_SLICE = 8
 
