@@ -139,6 +139,19 @@ def test_gemv_reads_x_through_a_view() -> None:
         assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.bfloat16]
 
 
+def test_gemv_reads_codes_at_any_byte_offset() -> None:
+    # the kernel reads codes as int32 words: codes that start mid-word (a view into a larger buffer) still work
+    q = format.quantize(torch.randn(8, 128), double_quant=False)
+    for offset in (1, 2, 3):
+        buffer = torch.zeros(q.data.numel() + offset, dtype=torch.uint8)
+        buffer[offset:] = q.data.reshape(-1)
+        data = buffer[offset:].view(q.data.shape)
+        x = torch.randn(1, 128)
+        ref = x @ format.dequantize(q, torch.float32).T
+        out = kgemv.gemv(x, data, *_qargs(q)[1:], 8, None)
+        assert ((out - ref).norm() / ref.norm()).item() < TOLERANCE[torch.float32]
+
+
 def test_gemv_rejects_partial_blocks_per_row() -> None:
     assert not kgemv.supported(100, 64) and kgemv.supported(128, 64)
 

@@ -2,14 +2,17 @@
 
 At M = 1 the product is bound by streaming W: 0.5 byte/param (+ absmax) instead of bf16's 2, so the ceiling
 is ~3.9x bf16's speed. Each program owns BLOCK_N rows of W and one of SPLIT_K slices of K; it decodes a
-[BLOCK_N, NBK, blocksize/2] tile of code bytes per step in registers and never writes W out. What the H200
+[BLOCK_N, NBK, blocksize/8] tile of code words per step in registers and never writes W out. What the H200
 sweeps taught (docs/BENCHMARKS_GPU.md):
+- the time follows the instructions a weight (~8: nibble, lookup, x's bf16 -> fp32, fma), not the bytes;
+- the codes are read as int32 words and each nibble is shifted and masked in its register, with one table
+  gather a step for all of them: 4-8% faster than bytes unpacked one by one (8.1 instructions a weight
+  against 8.7), the gather's table store and barrier paid once a step, not twice;
 - the levels come from a 16-entry table in shared memory (``tl.gather``): a 32-bit address and no bank
   conflicts, where a gather through L1 costs a 64-bit address and a load-unit slot per element;
-- x is read as 32-bit words of two elements, word j beside code byte j, in the layout of the code tile: the
-  x tile per step must have fewer elements than the program has threads, or Triton stages it through shared
-  memory each step;
-- the absmax multiplies a block's sum once, not each element;
+- x is read as 32-bit words of two elements in the layout of the code tile (word 4w + v beside byte v of
+  code word w), so nothing changes layout inside the loop;
+- the products of a word are summed as fma chains, and the absmax multiplies a block's sum once;
 - split-K: with one program per row tile, the GPU holds too few loads in flight (N = 4096 gives 128 programs).
   The slices' fp32 sums go to a [SPLIT_K, M, N] buffer that a second small kernel adds up in a fixed order,
   so the result does not depend on timing.
@@ -49,10 +52,29 @@ def _x_pair(x_ptr, byte, mask, X_KIND: tl.constexpr):
     return x_even, x_odd
 
 
-# Step s of a program covers blocks [s*NBK, (s+1)*NBK) of its rows, byte j of block b holding the codes of
-# elements 2j (high nibble) and 2j+1 (low nibble); for each row m of x:
-#   sum[n, b] = sum_j quant_map[code >> 4] * x[m, 2j] + quant_map[code & 15] * x[m, 2j + 1]      (fp32)
-#   acc[n, m] += sum_b sum[n, b] * absmax[n, b]
+# The products of one step for one row of x: sum over the 4 bytes v of a code word of
+#   level[hi nibble] * x[2j] + level[lo nibble] * x[2j + 1]        (j = 4 * word + v; fp32 fma chains)
+# levels: [BLOCK_N, NBK, HW, 2 (hi, lo), 2 (v & 1), 2 (v >> 1)] from the step's one gather; xe/xo: the x pairs of
+# byte position v, [NBK, HW] each.
+@triton.jit
+def _word_products(levels, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3):
+    lv01, lv23 = tl.split(levels)
+    lv0, lv1 = tl.split(lv01)
+    lv2, lv3 = tl.split(lv23)
+    h0, l0 = tl.split(lv0)
+    h1, l1 = tl.split(lv1)
+    h2, l2 = tl.split(lv2)
+    h3, l3 = tl.split(lv3)
+    part = h0 * xe0[None] + l0 * xo0[None] + h1 * xe1[None] + l1 * xo1[None]
+    return part + h2 * xe2[None] + l2 * xo2[None] + h3 * xe3[None] + l3 * xo3[None]
+
+
+# Step s of a program covers blocks [s*NBK, (s+1)*NBK) of its rows. The codes come as int32 words in the load's
+# layout (4 words, 16 bytes, a thread): byte v of a word is bits 8v..8v+7, its high nibble the code of element 2j,
+# its low nibble that of 2j + 1. Every nibble is shifted and masked in its register, the 8 nibbles of a word are
+# looked up by one gather for the whole step, and x is read per byte position v (pairs at stride 4 words, the
+# codes' layout), so nothing changes layout inside the loop. For each row m of x:
+#   acc[n, m] += sum_b absmax[n, b] * sum over the block's words of _word_products        (fp32)
 # (at M = 1 the sum over b waits until the end). The codes are decoded once for all M rows.
 @triton.jit
 def _gemv_kernel(
@@ -80,53 +102,63 @@ def _gemv_kernel(
     PREFETCH: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
-    HB: tl.constexpr = BLOCKSIZE // 2
-    BKB: tl.constexpr = NBK * HB
+    HW: tl.constexpr = BLOCKSIZE // 8  # code words a block
+    BKW: tl.constexpr = NBK * HW
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = tl.minimum(rows, N - 1)  # rows past N repeat the last one; their results are not stored
     blocks_per_row = K // BLOCKSIZE
+    words_per_row = blocks_per_row * HW
     steps = tl.cdiv(blocks_per_row, NBK)
     per_split = tl.cdiv(steps, SPLIT_K)
     s0 = tl.program_id(1) * per_split
     s1 = tl.minimum(s0 + per_split, steps)
-    j = tl.arange(0, NBK)[:, None] * HB + tl.arange(0, HB)[None, :]  # [NBK, HB] byte of the step
+    wd = tl.arange(0, NBK)[:, None] * HW + tl.arange(0, HW)[None, :]  # [NBK, HW] word of the step
     kb = tl.arange(0, NBK)
     mcol = tl.arange(0, BLOCK_M)
-    code_ptr = data_ptr + rn.to(tl.int64)[:, None, None] * (blocks_per_row * HB) + j[None, :, :]
+    word_ptr = data_ptr + rn.to(tl.int64)[:, None, None] * words_per_row + wd[None, :, :]
     table = tl.load(quant_map_ptr + tl.arange(0, 16))
-    zero = tl.zeros((BLOCK_N, NBK, HB), tl.int32)
+    zero = tl.zeros((BLOCK_N, NBK, HW), tl.int32)
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, NBK), tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    # A partial last step (blocks_per_row % NBK) is masked per block, which keeps the loads 16 bytes wide.
-    nxt = tl.load(code_ptr + s0 * BKB, mask=zero + s0 * BKB + j < blocks_per_row * HB, other=0)
+    # A partial last step (blocks_per_row % NBK) is masked per word, which keeps the loads 16 bytes wide.
+    nxt = tl.load(word_ptr + s0 * BKW, mask=zero + s0 * BKW + wd < words_per_row, other=0)
     for s in range(s0, s1):
-        byte = s * BKB + j  # [NBK, HB]
-        in_row = byte < blocks_per_row * HB
+        word = s * BKW + wd  # [NBK, HW]
+        in_row = word < words_per_row
         if PREFETCH:  # the next step's codes are in flight while this step computes
-            codes = nxt.to(tl.int32)
-            nxt_mask = (zero + byte + BKB < blocks_per_row * HB) & (zero + s + 1 < s1)
-            nxt = tl.load(code_ptr + (s + 1) * BKB, mask=nxt_mask, other=0, eviction_policy="evict_first")
+            codes = nxt
+            nxt_mask = (zero + word + BKW < words_per_row) & (zero + s + 1 < s1)
+            nxt = tl.load(word_ptr + (s + 1) * BKW, mask=nxt_mask, other=0, eviction_policy="evict_first")
         else:
-            codes = tl.load(code_ptr + s * BKB, mask=(zero + byte) < blocks_per_row * HB, other=0,
-                            eviction_policy="evict_first").to(tl.int32)  # fmt: skip
-        flat = tl.reshape(codes, (BLOCK_N * BKB,))
-        level_hi = tl.reshape(tl.gather(table, flat >> 4, 0), (BLOCK_N, NBK, HB))
-        level_lo = tl.reshape(tl.gather(table, flat & 15, 0), (BLOCK_N, NBK, HB))
+            codes = tl.load(
+                word_ptr + s * BKW, mask=zero + word < words_per_row, other=0, eviction_policy="evict_first"
+            )
+        nib0 = tl.join((codes >> 4) & 15, codes & 15)
+        nib1 = tl.join((codes >> 12) & 15, (codes >> 8) & 15)
+        nib2 = tl.join((codes >> 20) & 15, (codes >> 16) & 15)
+        nib3 = tl.join((codes >> 28) & 15, (codes >> 24) & 15)
+        nibbles = tl.join(tl.join(nib0, nib1), tl.join(nib2, nib3))
+        levels = tl.gather(table, tl.reshape(nibbles, (BLOCK_N * BKW * 8,)), 0)
+        levels = tl.reshape(levels, (BLOCK_N, NBK, HW, 2, 2, 2))
         blk = s * NBK + kb
         blk_mask = (rn >= 0)[:, None] & (blk < blocks_per_row)[None, :]  # rn >= 0 (always): the rows axis
         absmax = load_absmax(
             absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
             rn[:, None] * blocks_per_row + blk[None, :], blk_mask, DOUBLE_QUANT, INTERPRETED,
         )  # fmt: skip
-        if BLOCK_M == 1:
-            x_even, x_odd = _x_pair(x_ptr, byte, in_row, X_KIND)
-            acc += tl.sum(level_hi * x_even[None, :, :] + level_lo * x_odd[None, :, :], axis=2) * absmax
-        else:
-            for m in tl.static_range(BLOCK_M):
-                x_even, x_odd = _x_pair(x_ptr + m * stride_x, byte, in_row & (byte * 0 + m < M), X_KIND)
-                block_sum = tl.sum(level_hi * x_even[None, :, :] + level_lo * x_odd[None, :, :], axis=2)
+        for m in tl.static_range(BLOCK_M):
+            x_row = x_ptr + m * stride_x
+            x_mask = in_row if BLOCK_M == 1 else in_row & (word * 0 + m < M)
+            xe0, xo0 = _x_pair(x_row, word * 4, x_mask, X_KIND)
+            xe1, xo1 = _x_pair(x_row, word * 4 + 1, x_mask, X_KIND)
+            xe2, xo2 = _x_pair(x_row, word * 4 + 2, x_mask, X_KIND)
+            xe3, xo3 = _x_pair(x_row, word * 4 + 3, x_mask, X_KIND)
+            block_sum = tl.sum(_word_products(levels, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3), axis=2)
+            if BLOCK_M == 1:
+                acc += block_sum * absmax
+            else:
                 row_sum = tl.sum(block_sum * absmax, axis=1)
                 acc = tl.where(mcol[None, :] == m, acc + row_sum[:, None], acc)
     if BLOCK_M == 1:
@@ -154,7 +186,7 @@ _TARGET_PROGRAMS = 4096
 
 
 def default_config(n: int, k: int, blocksize: int, m: int = 1) -> GemvConfig:
-    """~2 KiB of codes a step (blocksize 64: 32 rows x 2 blocks, x's 64 words within the 128 threads);
+    """~2 KiB of codes a step (blocksize 64: 32 rows x 2 blocks, 16 bytes a thread);
     split-K doubled while it stays under the target count of programs and leaves >= 4 steps a slice."""
     half = blocksize // 2
     nbk = max(1, 64 // half)
@@ -202,7 +234,10 @@ def gemv(
         x_arg, x_kind = x.view(_WORD[x.dtype]), 0 if x.dtype == torch.bfloat16 else 1
     else:
         x_arg, x_kind = (x if x.stride(1) == 1 else x.contiguous()), 2
-    qargs = (data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize)
+    codes = data.reshape(-1)  # int32 words: 4 bytes, 8 codes (a row is blocksize / 8 >= 4 words)
+    if codes.storage_offset() % 4:
+        codes = codes.clone()
+    qargs = (codes.view(torch.int32), absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize)
     return launch(
         _gemv_kernel, x_arg, x.dtype, k, qargs, n, bias, config.block_n, config.split_k, config.num_warps,
         X_KIND=x_kind, BLOCK_M=triton.next_power_of_2(m), NBK=config.nbk, PREFETCH=config.prefetch,
