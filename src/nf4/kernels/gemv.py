@@ -179,24 +179,32 @@ class GemvConfig:
     prefetch: bool = True
 
 
-# Programs the launch aims for: a 28672-row weight has 896 row tiles, and there split-K 4-8 still measured
-# faster than 1; at N = 4096 the same count needs split-K 32. With more rows of x (more work per code byte)
-# twice the split measured 1-11% faster on 8 of 10 shape and M pairs at M = 2 and 4 (3-6% slower on 14336x4096).
+# Programs the launch aims for. M = 1: one-warp programs of 8 rows (blocksize 64), split-K doubled up to 8192
+# programs while a slice keeps >= 8 steps (H200, this kernel: 0.0263 / 0.0277 / 0.0106 ms on 14336x4096 /
+# 4096x14336 / 4096x4096 against 0.0276 / 0.0289 / 0.0123 for four-warp programs of 32 rows; the same on the
+# 70B shapes). Several rows of x (fp32 x, M = 2-4) keep four-warp programs of 32 rows, aiming for 4096 programs:
+# a 28672-row weight has 896 row tiles, and there split-K 4-8 still measured faster than 1; with more rows twice
+# that split measured 1-11% faster on 8 of 10 shape and M pairs (3-6% slower on 14336x4096). One-warp programs
+# were 30-40% slower at M = 3.
 _TARGET_PROGRAMS = 4096
+_TARGET_WARPS_M1 = 8192
 
 
 def default_config(n: int, k: int, blocksize: int, m: int = 1) -> GemvConfig:
-    """~2 KiB of codes a step (blocksize 64: 32 rows x 2 blocks, 16 bytes a thread);
-    split-K doubled while it stays under the target count of programs and leaves >= 4 steps a slice."""
+    """16 bytes of codes a thread a step (blocksize 64: 2 blocks of 8 rows a warp, M = 1, or of 32 rows a
+    program of four warps); split-K doubled while it stays under the target count of programs."""
     half = blocksize // 2
     nbk = max(1, 64 // half)
-    block_n = max(1, min(32, 2048 // (nbk * half)))
     steps = -(-(k // blocksize) // nbk)
-    want = max(1, _TARGET_PROGRAMS * (1 if m == 1 else 2) // triton.cdiv(n, block_n))
+    if m == 1:
+        block_n, num_warps, want, min_steps = max(1, min(8, 512 // (nbk * half))), 1, _TARGET_WARPS_M1, 8
+    else:
+        block_n, num_warps, want, min_steps = max(1, min(32, 2048 // (nbk * half))), 4, 2 * _TARGET_PROGRAMS, 4
+    want = max(1, want // triton.cdiv(n, block_n))
     split_k = 1
-    while split_k * 2 <= want and steps // (split_k * 2) >= 4:
+    while split_k * 2 <= want and steps // (split_k * 2) >= min_steps:
         split_k *= 2
-    return GemvConfig(block_n=block_n, nbk=nbk, split_k=split_k)
+    return GemvConfig(block_n=block_n, nbk=nbk, num_warps=num_warps, split_k=split_k)
 
 
 # Rows of x the kernel takes: it decodes W once and multiplies each row with fp32 FMAs, so its time grows
