@@ -104,6 +104,35 @@ def test_gemv_decode_sizes(dtype: torch.dtype, double_quant: bool, nk: tuple, m:
     assert out.dtype == dtype and out.shape == (*x.shape[:-1], n) and rel < {torch.float32: 1e-5}.get(dtype, 4e-3)
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+@pytest.mark.parametrize(
+    "cfg",
+    [(8, 1, 4, True), (16, 2, 3, True), (32, 4, 1, True), (64, 8, 2, True), (8, 1, 2, False)],
+    ids=["rows8-warps1", "rows16-warps2-split3", "rows32-warps4", "rows64-warps8", "rows8-noprefetch"],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_configs(blocksize: int, cfg: tuple, dtype: torch.dtype, m: int) -> None:
+    # the decode kernel's lookups are warp shuffles that rely on each lane holding its own level: every tile
+    # shape, warp count and blocksize (other layouts of the code tile) gives the reference result
+    from nf4.kernels import gemv as kgemv
+
+    block_n, num_warps, split_k, prefetch = cfg
+    n, k = 1000, 4096
+    q = ops.quantize(torch.randn(n, k, device="cuda"), blocksize=blocksize)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    offset = torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda")
+    qargs = (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, blocksize)
+    config = kgemv.GemvConfig(
+        block_n=block_n, nbk=max(1, 64 // (blocksize // 2)), num_warps=num_warps, split_k=split_k, prefetch=prefetch
+    )
+    _poison()
+    out = kgemv.gemv(x, *qargs, n, None, config)
+    ref = x.double() @ ops.dequantize(q, dtype).double().T
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert rel < {torch.float32: 1e-5}.get(dtype, 4e-3)
+
+
 @pytest.mark.parametrize("m", [1, 16])
 def test_matmul_of_a_bare_quantized_tensor_captures_in_a_cuda_graph(m: int) -> None:
     # no offset tensor held by the caller: the op makes one on the device, which a graph can capture

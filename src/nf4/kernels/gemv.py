@@ -4,12 +4,13 @@ At M = 1 the product is bound by streaming W: 0.5 byte/param (+ absmax) instead 
 is ~3.9x bf16's speed. Each program owns BLOCK_N rows of W and one of SPLIT_K slices of K; it decodes a
 [BLOCK_N, NBK, blocksize/8] tile of code words per step in registers and never writes W out. What the H200
 sweeps taught (docs/BENCHMARKS_GPU.md):
-- the time follows the instructions a weight (~8: nibble, lookup, x's bf16 -> fp32, fma), not the bytes;
-- the codes are read as int32 words and each nibble is shifted and masked in its register, with one table
-  gather a step for all of them: 4-8% faster than bytes unpacked one by one (8.1 instructions a weight
-  against 8.7), the gather's table store and barrier paid once a step, not twice;
-- the levels come from a 16-entry table in shared memory (``tl.gather``): a 32-bit address and no bank
-  conflicts, where a gather through L1 costs a 64-bit address and a load-unit slot per element;
+- the time follows the instructions a weight (~7: nibble, lookup, x's bf16 -> fp32, fma), not the bytes;
+- the codes are read as int32 words and each nibble is shifted in its register: 4-8% faster than bytes
+  unpacked one by one (SASS: 258 instructions for 32 weights a thread against 278);
+- a lookup is one warp shuffle (``shfl.sync.idx``: lane l holds level l % 16, the code names the lane; no
+  mask, no shared memory, no barrier): 219 instructions, 5-7% faster on the 70B shapes than the shared-memory
+  ``tl.gather`` (a table store and two barriers a step); one-warp programs, where Triton's gather is already
+  a shuffle, gain nothing from it. Under the interpreter the lookup is a ``tl.gather``;
 - x is read as 32-bit words of two elements in the layout of the code tile (word 4w + v beside byte v of
   code word w), so nothing changes layout inside the loop;
 - the products of a word are summed as fma chains, and the absmax multiplies a block's sum once;
@@ -52,6 +53,18 @@ def _x_pair(x_ptr, byte, mask, X_KIND: tl.constexpr):
     return x_even, x_odd
 
 
+# level[code & 15] as fp32 from the warp's lanes: lane l holds level l % 16 (lane_level, as bits) and shfl reads
+# lane (code & 31) itself, so the bits above the nibble need no mask (lanes 16-31 hold the same levels).
+# lane_level must stay in the layout it was made in (from the codes' load), or a lane would hold another's level.
+@triton.jit
+def _lane_lookup(lane_level, code):
+    bits = tl.inline_asm_elementwise(
+        "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [lane_level, code],
+        dtype=tl.int32, is_pure=True, pack=1,
+    )  # fmt: skip
+    return bits.to(tl.float32, bitcast=True)
+
+
 # The products of one step for one row of x: sum over the 4 bytes v of a code word of
 #   level[hi nibble] * x[2j] + level[lo nibble] * x[2j + 1]        (j = 4 * word + v; fp32 fma chains)
 # levels: [BLOCK_N, NBK, HW, 2 (hi, lo), 2 (v & 1), 2 (v >> 1)] from the step's one gather; xe/xo: the x pairs of
@@ -71,9 +84,9 @@ def _word_products(levels, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3):
 
 # Step s of a program covers blocks [s*NBK, (s+1)*NBK) of its rows. The codes come as int32 words in the load's
 # layout (4 words, 16 bytes, a thread): byte v of a word is bits 8v..8v+7, its high nibble the code of element 2j,
-# its low nibble that of 2j + 1. Every nibble is shifted and masked in its register, the 8 nibbles of a word are
-# looked up by one gather for the whole step, and x is read per byte position v (pairs at stride 4 words, the
-# codes' layout), so nothing changes layout inside the loop. For each row m of x:
+# its low nibble that of 2j + 1. Every nibble is shifted in its register and looked up by a warp shuffle, and x is
+# read per byte position v (pairs at stride 4 words, the codes' layout), so nothing changes layout inside the
+# loop. For each row m of x:
 #   acc[n, m] += sum_b absmax[n, b] * sum over the block's words of _word_products        (fp32)
 # (at M = 1 the sum over b waits until the end). The codes are decoded once for all M rows.
 @triton.jit
@@ -116,7 +129,7 @@ def _gemv_kernel(
     kb = tl.arange(0, NBK)
     mcol = tl.arange(0, BLOCK_M)
     word_ptr = data_ptr + rn.to(tl.int64)[:, None, None] * words_per_row + wd[None, :, :]
-    table = tl.load(quant_map_ptr + tl.arange(0, 16))
+    table = tl.load(quant_map_ptr + tl.arange(0, 16))  # the interpreter's lookup
     zero = tl.zeros((BLOCK_N, NBK, HW), tl.int32)
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, NBK), tl.float32)
@@ -124,6 +137,9 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     # A partial last step (blocks_per_row % NBK) is masked per word, which keeps the loads 16 bytes wide.
     nxt = tl.load(word_ptr + s0 * BKW, mask=zero + s0 * BKW + wd < words_per_row, other=0)
+    if not INTERPRETED:  # made from the codes' tile, so in its layout: lane l's level is level[l % 16]
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [nxt], dtype=tl.int32, is_pure=True, pack=1)
+        lane_level = tl.load(quant_map_ptr + (lane & 15)).to(tl.int32, bitcast=True)
     for s in range(s0, s1):
         word = s * BKW + wd  # [NBK, HW]
         in_row = word < words_per_row
@@ -135,13 +151,20 @@ def _gemv_kernel(
             codes = tl.load(
                 word_ptr + s * BKW, mask=zero + word < words_per_row, other=0, eviction_policy="evict_first"
             )
-        nib0 = tl.join((codes >> 4) & 15, codes & 15)
-        nib1 = tl.join((codes >> 12) & 15, (codes >> 8) & 15)
-        nib2 = tl.join((codes >> 20) & 15, (codes >> 16) & 15)
-        nib3 = tl.join((codes >> 28) & 15, (codes >> 24) & 15)
-        nibbles = tl.join(tl.join(nib0, nib1), tl.join(nib2, nib3))
-        levels = tl.gather(table, tl.reshape(nibbles, (BLOCK_N * BKW * 8,)), 0)
-        levels = tl.reshape(levels, (BLOCK_N, NBK, HW, 2, 2, 2))
+        if INTERPRETED:  # no inline PTX on CPU: the same levels by a table gather
+            nib0 = tl.join((codes >> 4) & 15, codes & 15)
+            nib1 = tl.join((codes >> 12) & 15, (codes >> 8) & 15)
+            nib2 = tl.join((codes >> 20) & 15, (codes >> 16) & 15)
+            nib3 = tl.join((codes >> 28) & 15, (codes >> 24) & 15)
+            nibbles = tl.join(tl.join(nib0, nib1), tl.join(nib2, nib3))
+            levels = tl.gather(table, tl.reshape(nibbles, (BLOCK_N * BKW * 8,)), 0)
+            levels = tl.reshape(levels, (BLOCK_N, NBK, HW, 2, 2, 2))
+        else:
+            lv0 = tl.join(_lane_lookup(lane_level, codes >> 4), _lane_lookup(lane_level, codes))
+            lv1 = tl.join(_lane_lookup(lane_level, codes >> 12), _lane_lookup(lane_level, codes >> 8))
+            lv2 = tl.join(_lane_lookup(lane_level, codes >> 20), _lane_lookup(lane_level, codes >> 16))
+            lv3 = tl.join(_lane_lookup(lane_level, codes >> 28), _lane_lookup(lane_level, codes >> 24))
+            levels = tl.join(tl.join(lv0, lv1), tl.join(lv2, lv3))
         blk = s * NBK + kb
         blk_mask = (rn >= 0)[:, None] & (blk < blocks_per_row)[None, :]  # rn >= 0 (always): the rows axis
         absmax = load_absmax(
@@ -179,27 +202,30 @@ class GemvConfig:
     prefetch: bool = True
 
 
-# Programs the launch aims for. M = 1: one-warp programs of 8 rows (blocksize 64), split-K doubled up to 8192
-# programs while a slice keeps >= 8 steps (H200, this kernel: 0.0263 / 0.0277 / 0.0106 ms on 14336x4096 /
-# 4096x14336 / 4096x4096 against 0.0276 / 0.0289 / 0.0123 for four-warp programs of 32 rows; the same on the
-# 70B shapes). Several rows of x (fp32 x, M = 2-4) keep four-warp programs of 32 rows, aiming for 4096 programs:
-# a 28672-row weight has 896 row tiles, and there split-K 4-8 still measured faster than 1; with more rows twice
-# that split measured 1-11% faster on 8 of 10 shape and M pairs (3-6% slower on 14336x4096). One-warp programs
-# were 30-40% slower at M = 3.
+# Programs the launch aims for (H200, shuffle lookups, weights rotated past L2, ms at M = 1). Short rows (K < 8192)
+# take one-warp programs of 8 rows, split-K doubled up to 8192 programs while a slice keeps >= 8 steps: 0.0264 /
+# 0.0106 on 14336x4096 / 4096x4096 against 0.0267 / 0.0116 for four-warp programs. Longer rows and several rows
+# of x (fp32 x, M = 2-4) take four-warp programs of 32 rows aiming for 4096 programs (twice that with several
+# rows): 0.0888 / 0.0856 / 0.0270 on 28672x8192 / 8192x28672 / 4096x14336 against 0.0936 / 0.0925 / 0.0279 with
+# one warp. A 28672-row weight has 896 row tiles, and there split-K 4-8 still measured faster than 1; with
+# several rows twice the split measured 1-11% faster on 8 of 10 shape and M pairs (3-6% slower on 14336x4096),
+# and one-warp programs were 30-40% slower.
 _TARGET_PROGRAMS = 4096
-_TARGET_WARPS_M1 = 8192
+_TARGET_WARPS_SHORT_ROWS = 8192
+_LONG_ROW = 8192
 
 
 def default_config(n: int, k: int, blocksize: int, m: int = 1) -> GemvConfig:
-    """16 bytes of codes a thread a step (blocksize 64: 2 blocks of 8 rows a warp, M = 1, or of 32 rows a
-    program of four warps); split-K doubled while it stays under the target count of programs."""
+    """16 bytes of codes a thread a step (blocksize 64: 2 blocks of 8 rows a warp, or of 32 rows a program of
+    four warps); split-K doubled while it stays under the target count of programs."""
     half = blocksize // 2
     nbk = max(1, 64 // half)
     steps = -(-(k // blocksize) // nbk)
-    if m == 1:
-        block_n, num_warps, want, min_steps = max(1, min(8, 512 // (nbk * half))), 1, _TARGET_WARPS_M1, 8
+    if m == 1 and k < _LONG_ROW:
+        block_n, num_warps, want, min_steps = max(1, min(8, 512 // (nbk * half))), 1, _TARGET_WARPS_SHORT_ROWS, 8
     else:
-        block_n, num_warps, want, min_steps = max(1, min(32, 2048 // (nbk * half))), 4, 2 * _TARGET_PROGRAMS, 4
+        block_n, num_warps, min_steps = max(1, min(32, 2048 // (nbk * half))), 4, 4
+        want = _TARGET_PROGRAMS * (1 if m == 1 else 2)
     want = max(1, want // triton.cdiv(n, block_n))
     split_k = 1
     while split_k * 2 <= want and steps // (split_k * 2) >= min_steps:
