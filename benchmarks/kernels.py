@@ -113,7 +113,7 @@ def bench_shape(name: str, copy_gbps: float) -> None:
     offset_ulps = abs(int(ours_off.view(torch.int32)) - int(their_off.view(torch.int32)))
     codes_equal = torch.equal(q.data.view(-1), bq.view(-1))
     scales_equal = torch.equal(q.nested_absmax, bst.state2.absmax) and torch.equal(q.absmax, bst.absmax)
-    # where the offsets differ by an ulp the centred absmax, so its 8-bit codes and their scales, may differ too
+    # where the offsets differ, so does the centred absmax, and with it its 8-bit codes and their scales
     same = codes_equal and offset_ulps <= 2 and (offset_ulps > 0 or scales_equal)
     floor = 2.5 * n * k / copy_gbps / 1e6
     t_q = bench(lambda: ops.quantize(w))

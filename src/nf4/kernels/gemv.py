@@ -67,8 +67,8 @@ def _lane_lookup(lane_level, code):
 
 # The products of one step for one row of x: sum over the 4 bytes v of a code word of
 #   level[hi nibble] * x[2j] + level[lo nibble] * x[2j + 1]        (j = 4 * word + v; fp32 fma chains)
-# levels: [BLOCK_N, NBK, HW, 2 (hi, lo), 2 (v & 1), 2 (v >> 1)] from the step's one gather; xe/xo: the x pairs of
-# byte position v, [NBK, HW] each.
+# levels: [BLOCK_N, NBK, HW, 2 (hi, lo), 2 (v & 1), 2 (v >> 1)], the step's looked-up levels; xe/xo: the x pairs
+# of byte position v, [NBK, HW] each.
 @triton.jit
 def _word_products(levels, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3):
     lv01, lv23 = tl.split(levels)
