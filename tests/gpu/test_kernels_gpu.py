@@ -107,8 +107,24 @@ def test_gemv_decode_sizes(dtype: torch.dtype, double_quant: bool, nk: tuple, m:
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
 @pytest.mark.parametrize(
     "cfg",
-    [(8, 1, 4, True), (16, 2, 3, True), (32, 4, 1, True), (64, 8, 2, True), (8, 1, 2, False)],
-    ids=["rows8-warps1", "rows16-warps2-split3", "rows32-warps4", "rows64-warps8", "rows8-noprefetch"],
+    [
+        (8, 1, 4, True),
+        (32, 1, 4, True),
+        (64, 1, 2, True),
+        (16, 2, 3, True),
+        (32, 4, 1, True),
+        (64, 8, 2, True),
+        (32, 1, 2, False),
+    ],
+    ids=[
+        "rows8-warps1",
+        "rows32-warps1",
+        "rows64-warps1",
+        "rows16-warps2-split3",
+        "rows32-warps4",
+        "rows64-warps8",
+        "rows32-warps1-noprefetch",
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m", [1, 3])

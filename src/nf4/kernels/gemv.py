@@ -4,13 +4,14 @@ At M = 1 the product is bound by streaming W: 0.5 byte/param (+ absmax) instead 
 is ~3.9x bf16's speed. Each program owns BLOCK_N rows of W and one of SPLIT_K slices of K; it decodes a
 [BLOCK_N, NBK, blocksize/8] tile of code words per step in registers and never writes W out. What the H200
 sweeps taught (docs/BENCHMARKS_GPU.md):
-- the time follows the instructions a weight (~7: nibble, lookup, x's bf16 -> fp32, fma), not the bytes;
+- the time follows the instructions a weight (nibble, lookup, x's bf16 -> fp32, fma), not the bytes;
 - the codes are read as int32 words and each nibble is shifted in its register: 4-8% faster than bytes
   unpacked one by one (SASS: 258 instructions for 32 weights a thread against 278);
 - a lookup is one warp shuffle (``shfl.sync.idx``: lane l holds level l % 16, the code names the lane; no
   mask, no shared memory, no barrier): 219 instructions, 5-7% faster on the 70B shapes than the shared-memory
-  ``tl.gather`` (a table store and two barriers a step); one-warp programs, where Triton's gather is already
-  a shuffle, gain nothing from it. Under the interpreter the lookup is a ``tl.gather``;
+  ``tl.gather`` (a table store and two barriers a step). Under the interpreter the lookup is a ``tl.gather``;
+- at M = 1 a thread holds 4 rows of the same code words, so x's bf16 -> fp32 conversions serve 4 rows: 4.4
+  instructions a weight, 12-17% faster than one row a thread on the 8B/70B MLP shapes;
 - x is read as 32-bit words of two elements in the layout of the code tile (word 4w + v beside byte v of
   code word w), so nothing changes layout inside the loop;
 - the products of a word are summed as fma chains, and the absmax multiplies a block's sum once;
@@ -202,33 +203,28 @@ class GemvConfig:
     prefetch: bool = True
 
 
-# Programs the launch aims for (H200, shuffle lookups, weights rotated past L2, ms at M = 1). Short rows (K < 8192)
-# take one-warp programs of 8 rows, split-K doubled up to 8192 programs while a slice keeps >= 8 steps: 0.0264 /
-# 0.0106 on 14336x4096 / 4096x4096 against 0.0267 / 0.0116 for four-warp programs. Longer rows and several rows
-# of x (fp32 x, M = 2-4) take four-warp programs of 32 rows aiming for 4096 programs (twice that with several
-# rows): 0.0888 / 0.0856 / 0.0270 on 28672x8192 / 8192x28672 / 4096x14336 against 0.0936 / 0.0925 / 0.0279 with
-# one warp. A 28672-row weight has 896 row tiles, and there split-K 4-8 still measured faster than 1; with
-# several rows twice the split measured 1-11% faster on 8 of 10 shape and M pairs (3-6% slower on 14336x4096),
-# and one-warp programs were 30-40% slower.
+# Tiles and programs (H200, shuffle lookups, weights rotated past L2, ms at M = 1). At M = 1 a warp takes 32 rows,
+# 4 a thread, so each thread converts x's words once for 4 rows (SASS: 4.4 instructions a weight against 6.8 with
+# one row a thread), split-K doubled up to 4096 programs while a slice keeps >= 4 steps: 0.0734 / 0.0738 / 0.0228
+# / 0.0237 / 0.0109 on 28672x8192 / 8192x28672 / 14336x4096 / 4096x14336 / 4096x4096, against 0.0886 / 0.0855 /
+# 0.0263 / 0.0269 / 0.0105 for the best one-row-a-thread tiles (8 rows a warp or 32 rows over four warps); two
+# rows a thread sat between. Several rows of x (fp32 x, M = 2-4) take four-warp programs of 32 rows aiming for
+# 8192 programs: a 28672-row weight has 896 row tiles, and there split-K 4-8 still measured faster than 1; twice
+# the split measured 1-11% faster on 8 of 10 shape and M pairs (3-6% slower on 14336x4096).
 _TARGET_PROGRAMS = 4096
-_TARGET_WARPS_SHORT_ROWS = 8192
-_LONG_ROW = 8192
 
 
 def default_config(n: int, k: int, blocksize: int, m: int = 1) -> GemvConfig:
-    """16 bytes of codes a thread a step (blocksize 64: 2 blocks of 8 rows a warp, or of 32 rows a program of
-    four warps); split-K doubled while it stays under the target count of programs."""
+    """16 bytes of codes a row a step (blocksize 64: 2 blocks), 32 rows a program of one warp (M = 1) or four
+    (several rows); split-K doubled while it stays under the target count of programs."""
     half = blocksize // 2
     nbk = max(1, 64 // half)
     steps = -(-(k // blocksize) // nbk)
-    if m == 1 and k < _LONG_ROW:
-        block_n, num_warps, want, min_steps = max(1, min(8, 512 // (nbk * half))), 1, _TARGET_WARPS_SHORT_ROWS, 8
-    else:
-        block_n, num_warps, min_steps = max(1, min(32, 2048 // (nbk * half))), 4, 4
-        want = _TARGET_PROGRAMS * (1 if m == 1 else 2)
+    block_n = max(1, min(32, 2048 // (nbk * half)))
+    num_warps, want = (1, _TARGET_PROGRAMS) if m == 1 else (4, 2 * _TARGET_PROGRAMS)
     want = max(1, want // triton.cdiv(n, block_n))
     split_k = 1
-    while split_k * 2 <= want and steps // (split_k * 2) >= min_steps:
+    while split_k * 2 <= want and steps // (split_k * 2) >= 4:
         split_k *= 2
     return GemvConfig(block_n=block_n, nbk=nbk, num_warps=num_warps, split_k=split_k)
 
