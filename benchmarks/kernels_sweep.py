@@ -35,17 +35,17 @@ SHAPES = {"70B_up": (28672, 8192), "70B_down": (8192, 28672), "8B_up": (14336, 4
 MS = (1, 2, 4)
 
 
-def variants(n: int, k: int, m: int) -> dict[str, kgemv.GemvConfig]:
-    """Configs timed per shape and M: the default and single changes to it."""
-    d = kgemv.default_config(n, k, 64, m)
+def variants(n: int, k: int) -> dict[str, kgemv.GemvConfig]:
+    """Configs timed per shape and M: the default (32 rows a warp, 4 a thread) and single changes to it."""
+    d = kgemv.default_config(n, k, 64)
     return {
         "default": d,
         "split/2": dataclasses.replace(d, split_k=max(1, d.split_k // 2)),
         "split*2": dataclasses.replace(d, split_k=d.split_k * 2),
         "no-prefetch": dataclasses.replace(d, prefetch=False),
-        "rows16-warps2": dataclasses.replace(d, block_n=16, num_warps=2),
+        "rows8": dataclasses.replace(d, block_n=8),
+        "rows32-warps4": dataclasses.replace(d, num_warps=4),
         "rows64": dataclasses.replace(d, block_n=64),
-        "rows8-nbk8": dataclasses.replace(d, block_n=8, nbk=8),
     }
 
 
@@ -123,7 +123,7 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool, mm
                                       blocksize=64, compress_statistics=True) for _ in range(copies)]  # fmt: skip
             row["bnb_ms"] = round(graph_ms([lambda b=b, x=x: bnb.matmul_4bit(x, b[0].t(), b[1]) for b in bqs]), 4)
             del bqs
-        todo = [(c, key, kgemv.gemv) for key, c in variants(n, k, m).items()] if m in MS else []
+        todo = [(c, key, kgemv.gemv) for key, c in variants(n, k).items()] if m in MS else []
         if mma and m in MMA_MS:
             todo += [(c, f"mma:{key}", kmma.mma) for key, c in mma_variants(n, k).items()]
         if baseline is not None and m <= kgemv.MAX_M:

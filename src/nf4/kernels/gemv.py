@@ -10,8 +10,8 @@ sweeps taught (docs/BENCHMARKS_GPU.md):
 - a lookup is one warp shuffle (``shfl.sync.idx``: lane l holds level l % 16, the code names the lane; no
   mask, no shared memory, no barrier): 219 instructions, 5-7% faster on the 70B shapes than the shared-memory
   ``tl.gather`` (a table store and two barriers a step). Under the interpreter the lookup is a ``tl.gather``;
-- at M = 1 a thread holds 4 rows of the same code words, so x's bf16 -> fp32 conversions serve 4 rows: 4.4
-  instructions a weight, 12-17% faster than one row a thread on the 8B/70B MLP shapes;
+- a thread holds 4 rows of the same code words, so x's conversions serve 4 rows: 4.4 instructions a weight,
+  12-18% faster than one row a thread at M = 1 on the 8B/70B MLP shapes, 35-40% faster at M = 3 (fp32 x);
 - x is read as 32-bit words of two elements in the layout of the code tile (word 4w + v beside byte v of
   code word w), so nothing changes layout inside the loop;
 - the products of a word are summed as fma chains, and the absmax multiplies a block's sum once;
@@ -198,35 +198,33 @@ class GemvConfig:
 
     block_n: int = 32
     nbk: int = 2
-    num_warps: int = 4
+    num_warps: int = 1
     split_k: int = 1
     prefetch: bool = True
 
 
-# Tiles and programs (H200, shuffle lookups, weights rotated past L2, ms at M = 1). At M = 1 a warp takes 32 rows,
-# 4 a thread, so each thread converts x's words once for 4 rows (SASS: 4.4 instructions a weight against 6.8 with
-# one row a thread), split-K doubled up to 4096 programs while a slice keeps >= 4 steps: 0.0734 / 0.0738 / 0.0228
-# / 0.0237 / 0.0109 on 28672x8192 / 8192x28672 / 14336x4096 / 4096x14336 / 4096x4096, against 0.0886 / 0.0855 /
-# 0.0263 / 0.0269 / 0.0105 for the best one-row-a-thread tiles (8 rows a warp or 32 rows over four warps); two
-# rows a thread sat between. Several rows of x (fp32 x, M = 2-4) take four-warp programs of 32 rows aiming for
-# 8192 programs: a 28672-row weight has 896 row tiles, and there split-K 4-8 still measured faster than 1; twice
-# the split measured 1-11% faster on 8 of 10 shape and M pairs (3-6% slower on 14336x4096).
+# Tiles and programs (H200, shuffle lookups, weights rotated past L2, ms). A warp takes 32 rows, 4 a thread, so each
+# thread converts x's words once for 4 rows (SASS: 4.4 instructions a weight against 6.8 with one row a thread),
+# split-K doubled up to 4096 programs while a slice keeps >= 4 steps. M = 1: 0.0725 / 0.0742 / 0.0228 / 0.0237 /
+# 0.0109 on 28672x8192 / 8192x28672 / 14336x4096 / 4096x14336 / 4096x4096, against 0.0886 / 0.0855 / 0.0263 /
+# 0.0269 / 0.0105 for the best one-row-a-thread tiles (8 rows a warp, or 32 rows over four warps); 64 rows a warp
+# or over two warps were no faster. fp32 x, M = 3: 0.2052 / 0.2025 / 0.0579 / 0.0566 / 0.0195 against 0.3144 /
+# 0.3262 / 0.0851 / 0.0925 / 0.0306 for 32 rows over four warps (within 4% of the best split of each shape).
 _TARGET_PROGRAMS = 4096
 
 
-def default_config(n: int, k: int, blocksize: int, m: int = 1) -> GemvConfig:
-    """16 bytes of codes a row a step (blocksize 64: 2 blocks), 32 rows a program of one warp (M = 1) or four
-    (several rows); split-K doubled while it stays under the target count of programs."""
+def default_config(n: int, k: int, blocksize: int) -> GemvConfig:
+    """16 bytes of codes a row a step (blocksize 64: 2 blocks), 32 rows a one-warp program; split-K doubled while it
+    stays under the target count of programs."""
     half = blocksize // 2
     nbk = max(1, 64 // half)
     steps = -(-(k // blocksize) // nbk)
     block_n = max(1, min(32, 2048 // (nbk * half)))
-    num_warps, want = (1, _TARGET_PROGRAMS) if m == 1 else (4, 2 * _TARGET_PROGRAMS)
-    want = max(1, want // triton.cdiv(n, block_n))
+    want = max(1, _TARGET_PROGRAMS // triton.cdiv(n, block_n))
     split_k = 1
     while split_k * 2 <= want and steps // (split_k * 2) >= 4:
         split_k *= 2
-    return GemvConfig(block_n=block_n, nbk=nbk, num_warps=num_warps, split_k=split_k)
+    return GemvConfig(block_n=block_n, nbk=nbk, num_warps=1, split_k=split_k)
 
 
 # Rows of x the kernel takes: it decodes W once and multiplies each row with fp32 FMAs, so its time grows
@@ -257,7 +255,7 @@ def gemv(
     """x [M, K] (M <= MAX_M) @ W[n, K]^T (+ bias) -> [M, n] in x's dtype."""
     m, k = x.shape
     assert 1 <= m <= MAX_M and supported(k, blocksize), (x.shape, blocksize)
-    config = config or default_config(n, k, blocksize, m)
+    config = config or default_config(n, k, blocksize)
     if x.dtype in _WORD:  # rows of element-pair words: unit column stride, even row stride, even element offset
         if x.stride(1) != 1 or (m > 1 and x.stride(0) % 2) or x.storage_offset() % 2:
             x = x.clone(memory_format=torch.contiguous_format)
