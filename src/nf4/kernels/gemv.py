@@ -4,7 +4,8 @@ At M = 1 the product is bound by streaming W: 0.5 byte/param (+ absmax) instead 
 is ~3.9x bf16's speed. Each program owns BLOCK_N rows of W and one of SPLIT_K slices of K; it decodes a
 [BLOCK_N, NBK, blocksize/8] tile of code words per step in registers and never writes W out. What the H200
 sweeps taught (docs/BENCHMARKS_GPU.md):
-- the time follows the instructions a weight (nibble, lookup, x's bf16 -> fp32, fma), not the bytes;
+- through the steps below the time followed the instructions a weight (nibble, lookup, x's bf16 -> fp32, fma),
+  not the bytes;
 - the codes are read as int32 words and each nibble is shifted in its register: 4-8% faster than bytes
   unpacked one by one (SASS: 258 instructions for 32 weights a thread against 278);
 - a lookup is one warp shuffle (``shfl.sync.idx``: lane l holds level l % 16, the code names the lane; no
