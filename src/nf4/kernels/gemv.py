@@ -55,16 +55,21 @@ def _x_pair(x_ptr, byte, mask, X_KIND: tl.constexpr):
     return x_even, x_odd
 
 
-# level[code & 15] as fp32 from the warp's lanes: lane l holds level l % 16 (lane_level, as bits) and shfl reads
-# lane (code & 31) itself, so the bits above the nibble need no mask (lanes 16-31 hold the same levels).
-# lane_level must stay in the layout it was made in (from the codes' load), or a lane would hold another's level.
+# level[code & 15] as fp32. On the GPU from the warp's lanes: lut is this lane's level l % 16 (as bits) and shfl
+# reads lane (code & 31) itself, so the bits above the nibble need no mask (lanes 16-31 hold the same levels); lut
+# must stay in the layout it was made in (the codes' load), or a lane would hold another's level. Interpreted
+# (no inline PTX on CPU), lut is the 16-entry table and the level a gather.
 @triton.jit
-def _lane_lookup(lane_level, code):
-    bits = tl.inline_asm_elementwise(
-        "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [lane_level, code],
-        dtype=tl.int32, is_pure=True, pack=1,
-    )  # fmt: skip
-    return bits.to(tl.float32, bitcast=True)
+def _level(lut, code, INTERPRETED: tl.constexpr):
+    if INTERPRETED:
+        level = tl.reshape(tl.gather(lut, tl.reshape(code & 15, (code.numel,)), 0), code.shape)
+    else:
+        bits = tl.inline_asm_elementwise(
+            "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [lut, code],
+            dtype=tl.int32, is_pure=True, pack=1,
+        )  # fmt: skip
+        level = bits.to(tl.float32, bitcast=True)
+    return level
 
 
 # The products of one step for one row of x: sum over the 4 bytes v of a code word of
@@ -131,7 +136,6 @@ def _gemv_kernel(
     kb = tl.arange(0, NBK)
     mcol = tl.arange(0, BLOCK_M)
     word_ptr = data_ptr + rn.to(tl.int64)[:, None, None] * words_per_row + wd[None, :, :]
-    table = tl.load(quant_map_ptr + tl.arange(0, 16))  # the interpreter's lookup
     zero = tl.zeros((BLOCK_N, NBK, HW), tl.int32)
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, NBK), tl.float32)
@@ -139,9 +143,11 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     # A partial last step (blocks_per_row % NBK) is masked per word, which keeps the loads 16 bytes wide.
     nxt = tl.load(word_ptr + s0 * BKW, mask=zero + s0 * BKW + wd < words_per_row, other=0)
-    if not INTERPRETED:  # made from the codes' tile, so in its layout: lane l's level is level[l % 16]
+    if INTERPRETED:
+        lut = tl.load(quant_map_ptr + tl.arange(0, 16))
+    else:  # made from the codes' tile, so in its layout: lane l's level is level[l % 16]
         lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [nxt], dtype=tl.int32, is_pure=True, pack=1)
-        lane_level = tl.load(quant_map_ptr + (lane & 15)).to(tl.int32, bitcast=True)
+        lut = tl.load(quant_map_ptr + (lane & 15)).to(tl.int32, bitcast=True)
     for s in range(s0, s1):
         word = s * BKW + wd  # [NBK, HW]
         in_row = word < words_per_row
@@ -153,20 +159,11 @@ def _gemv_kernel(
             codes = tl.load(
                 word_ptr + s * BKW, mask=zero + word < words_per_row, other=0, eviction_policy="evict_first"
             )
-        if INTERPRETED:  # no inline PTX on CPU: the same levels by a table gather
-            nib0 = tl.join((codes >> 4) & 15, codes & 15)
-            nib1 = tl.join((codes >> 12) & 15, (codes >> 8) & 15)
-            nib2 = tl.join((codes >> 20) & 15, (codes >> 16) & 15)
-            nib3 = tl.join((codes >> 28) & 15, (codes >> 24) & 15)
-            nibbles = tl.join(tl.join(nib0, nib1), tl.join(nib2, nib3))
-            levels = tl.gather(table, tl.reshape(nibbles, (BLOCK_N * BKW * 8,)), 0)
-            levels = tl.reshape(levels, (BLOCK_N, NBK, HW, 2, 2, 2))
-        else:
-            lv0 = tl.join(_lane_lookup(lane_level, codes >> 4), _lane_lookup(lane_level, codes))
-            lv1 = tl.join(_lane_lookup(lane_level, codes >> 12), _lane_lookup(lane_level, codes >> 8))
-            lv2 = tl.join(_lane_lookup(lane_level, codes >> 20), _lane_lookup(lane_level, codes >> 16))
-            lv3 = tl.join(_lane_lookup(lane_level, codes >> 28), _lane_lookup(lane_level, codes >> 24))
-            levels = tl.join(tl.join(lv0, lv1), tl.join(lv2, lv3))
+        lv0 = tl.join(_level(lut, codes >> 4, INTERPRETED), _level(lut, codes, INTERPRETED))
+        lv1 = tl.join(_level(lut, codes >> 12, INTERPRETED), _level(lut, codes >> 8, INTERPRETED))
+        lv2 = tl.join(_level(lut, codes >> 20, INTERPRETED), _level(lut, codes >> 16, INTERPRETED))
+        lv3 = tl.join(_level(lut, codes >> 28, INTERPRETED), _level(lut, codes >> 24, INTERPRETED))
+        levels = tl.join(tl.join(lv0, lv1), tl.join(lv2, lv3))
         blk = s * NBK + kb
         blk_mask = (rn >= 0)[:, None] & (blk < blocks_per_row)[None, :]  # rn >= 0 (always): the rows axis
         absmax = load_absmax(
