@@ -12,7 +12,7 @@ sweeps taught (docs/BENCHMARKS_GPU.md):
   mask, no shared memory, no barrier): 219 instructions, 5-7% faster on the 70B shapes than the shared-memory
   ``tl.gather`` (a table store and two barriers a step). Under the interpreter the lookup is a ``tl.gather``;
 - a thread holds 4 rows of the same code words, so x's conversions serve 4 rows: 4.4 instructions a weight,
-  12-18% faster than one row a thread at M = 1 on the 8B/70B MLP shapes, 35-40% faster at M = 3 (fp32 x);
+  12-18% faster than one row a thread at M = 1 on the 8B/70B MLP shapes, 32-39% faster at M = 3 (fp32 x);
 - x is read as 32-bit words of two elements in the layout of the code tile (word 4w + v beside byte v of
   code word w), so nothing changes layout inside the loop;
 - the products of a word are summed as fma chains, and the absmax multiplies a block's sum once;
