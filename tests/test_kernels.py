@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 from nf4 import format  # noqa: E402
+from nf4.kernels import common  # noqa: E402
 from nf4.kernels import dequantize as kdequantize  # noqa: E402
 from nf4.kernels import gemm as kgemm  # noqa: E402
 from nf4.kernels import gemv as kgemv  # noqa: E402
@@ -128,15 +129,28 @@ def test_gemv_matches_dequantize_then_fp32_matmul(
     assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
 
 
-def test_gemv_reads_x_through_a_view() -> None:
-    # x as views: a column of a matrix, at an odd element offset, rows of an odd stride, 4 rows (MAX_M)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_reads_x_through_a_view(dtype: torch.dtype) -> None:
+    # x as views (the kernel loads 16 bytes of x at a time): a column of a matrix, at an odd element offset, rows
+    # of an odd stride, 4 rows (MAX_M)
     q = format.quantize(torch.randn(8, 128), double_quant=False)
-    big = torch.randn(129, 9, dtype=torch.bfloat16)
+    big = torch.randn(129, 9, dtype=dtype)
     views = (big[:128, 1].unsqueeze(0), big.flatten()[1:129].unsqueeze(0), big.T[:4, :128], big.T[5:, 1:])
     for x in views:
-        ref = x.float() @ format.dequantize(q, torch.bfloat16).float().T
+        ref = x.float() @ format.dequantize(q, dtype).float().T
         out = kgemv.gemv(x, *_qargs(q), 8, None)
-        assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.bfloat16]
+        assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
+
+
+def test_split_k_leaves_its_tile_counters_at_zero() -> None:
+    # a row tile's last program to finish sums the slices and sets the tile's counter back to 0: the next launch
+    # finds the counters zeroed and, summing in the same order, gives the same bits
+    q = format.quantize(torch.randn(70, 512))
+    x = torch.randn(2, 512, dtype=torch.bfloat16)
+    config = kgemv.GemvConfig(block_n=16, split_k=3)
+    first = kgemv.gemv(x, *_qargs(q), 70, None, config)
+    assert torch.equal(kgemv.gemv(x, *_qargs(q), 70, None, config), first)
+    assert not common.tile_counters(x.device, 5).any()
 
 
 def test_gemv_reads_codes_at_any_byte_offset() -> None:

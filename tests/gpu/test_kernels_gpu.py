@@ -169,6 +169,45 @@ def test_matmul_of_a_bare_quantized_tensor_captures_in_a_cuda_graph(m: int) -> N
     assert not torch.equal(out, eager)
 
 
+@pytest.mark.parametrize("m", [1, 16])
+def test_split_k_sums_in_graphs_and_on_two_streams(m: int) -> None:
+    # split-K slices are summed by each row tile's last program, with counters kept per stream that every launch
+    # leaves at zero: graph replays between eager calls, and two streams at once, give the bits of one eager call
+    q = ops.quantize(torch.randn(1024, 14336, device="cuda"))  # few rows, long rows: 16 slices (both kernels)
+    x = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
+    want = ops.matmul(x, q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        out = ops.matmul(x, q)
+    for _ in range(3):
+        _poison()
+        graph.replay()
+        assert torch.equal(out, want) and torch.equal(ops.matmul(x, q), want)
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    outs = []
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outs += [ops.matmul(x, q) for _ in range(20)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, want) for o in outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_reads_x_at_any_offset(dtype: torch.dtype) -> None:
+    # the kernel loads x 16 bytes at a time: rows that do not start on 16 bytes are copied first
+    q = ops.quantize(torch.randn(300, 4096, device="cuda"))
+    buffer = torch.randn(4096 + 8, device="cuda", dtype=dtype)
+    w = ops.dequantize(q, dtype).double()
+    for offset in range(8):
+        x = buffer[offset : offset + 4096].unsqueeze(0)
+        ref = x.double() @ w.T
+        rel = ((ops.matmul(x, q).double() - ref).norm() / ref.norm()).item()
+        assert rel < {torch.float32: 1e-5}.get(dtype, 4e-3)
+
+
 def test_matmul_of_an_empty_batch() -> None:
     # zero rows of x: no fused-kernel launch (it needs M >= 1), an empty result of the right shape
     q = ops.quantize(torch.randn(64, 128, device="cuda"))

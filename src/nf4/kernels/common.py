@@ -86,20 +86,40 @@ def round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 # The end of a fused matmul program: its fp32 tile result [BLOCK_N, BLOCK_M] of rows x mcol goes to out [M, N]
-# (+ bias, rounded to out's dtype), or, split, to its slice of the fp32 partials [SPLIT_K, M, N] (out_ptr then).
+# (+ bias, rounded to out's dtype). Split over K, each program stores its slice's sum to partial [SPLIT_K, M, N];
+# the slices are then added in slice order (so the result does not depend on which finished first), either
+# - SUM_IN_KERNEL: by the row tile's last program to finish. Each program takes a ticket from its tile's counter
+#   after storing; the one that draws the last ticket sums, stores the tile and sets the counter back to 0 for the
+#   next launch. One launch less per matmul: the decode kernel's choice (gemv.py), whose tiles are small; or
+# - by _split_k_sum_kernel, launched after: the tensor-core kernel's choice (mma.py), whose tiles are large
+#   (128 x 16 x 16 slices = 128 KB would be read by one program: 8-15% slower on the 8B shapes at M = 16).
 @triton.jit
 def store_tile(
-    result, rows, mcol, M, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    result, rows, mcol, M, N, bias_ptr, out_ptr, partial_ptr, counter_ptr, HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr, SUM_IN_KERNEL: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     mask = (rows < N)[:, None] & (mcol < M)[None, :]
-    out = out_ptr + mcol[None, :] * N + rows[:, None]
+    offsets = mcol[None, :] * N + rows[:, None]
     if SPLIT_K == 1:
-        if HAS_BIAS:
-            result += tl.load(bias_ptr + tl.minimum(rows, N - 1)).to(tl.float32)[:, None]
-        tl.store(out, round_to(result, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+        _store_out(result, rows, N, offsets, mask, bias_ptr, out_ptr, HAS_BIAS, INTERPRETED)
     else:
-        tl.store(out + tl.program_id(1) * M * N, result, mask=mask)
+        tl.store(partial_ptr + tl.program_id(1) * M * N + offsets, result, mask=mask)
+        if SUM_IN_KERNEL:
+            tl.debug_barrier()  # the whole tile is stored before the ticket is taken
+            ticket = tl.atomic_add(counter_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLIT_K - 1:
+                result = tl.zeros_like(result)
+                for s in tl.static_range(SPLIT_K):  # past L1: the other slices were written by other SMs
+                    result += tl.load(partial_ptr + s * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+                _store_out(result, rows, N, offsets, mask, bias_ptr, out_ptr, HAS_BIAS, INTERPRETED)
+                tl.atomic_xchg(counter_ptr + tl.program_id(0), 0)
+
+
+@triton.jit
+def _store_out(result, rows, N, offsets, mask, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr):
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + tl.minimum(rows, N - 1)).to(tl.float32)[:, None]
+    tl.store(out_ptr + offsets, round_to(result, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
 # out[i] = sum over the SPLIT_K slices of partial[:, i] (+ bias[i % N]), in slice order, rounded once.
@@ -116,6 +136,29 @@ def _split_k_sum_kernel(
     if HAS_BIAS:
         total += tl.load(bias_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + i, round_to(total, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+# Row-tile counters of split-K launches, per (device, stream): a kernel leaves them at 0 and kernels of one stream
+# run one after another, so each finds them zeroed without a memset a launch. A CUDA graph keeps the counters of
+# the stream it was captured on, so graphs captured on one stream must not be replayed concurrently (on several
+# streams at once). Buffers outgrown stay referenced: a captured graph may still point at them.
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []
+
+
+def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """int32 zeros, at least ``tiles`` of them, that split-K kernels return to zero. Traced by torch.compile, a
+    fresh zeroed tensor: a compiled graph holds no state of its own."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    counters = _COUNTERS.get((device, stream))
+    if counters is None or counters.numel() < tiles:
+        if counters is not None:
+            _OUTGROWN.append(counters)
+        counters = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[(device, stream)] = counters
+    return counters
 
 
 def scale_args(
@@ -143,22 +186,30 @@ def launch(
     block_n: int,
     split_k: int,
     num_warps: int,
+    sum_in_kernel: bool,
     **consts: object,
 ) -> torch.Tensor:
     """Run a fused matmul kernel (gemv.py, mma.py: the same leading arguments) over (row tiles, split_k slices) and
-    sum the slices: -> out [M, n] of ``dtype``. x is the kernel's view of x [M, k] (unit column stride; gemv reads
-    bf16/fp16 as int32 pairs)."""
+    sum the slices (store_tile: in the kernel, or by a second one): -> out [M, n] of ``dtype``. x is the kernel's
+    view of x [M, k] (unit column stride; gemv reads it as int32 words)."""
     data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize = qargs
     m = x.shape[0]
+    tiles = triton.cdiv(n, block_n)
     out = torch.empty((m, n), dtype=dtype, device=x.device)
-    partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    if split_k > 1:
+        partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        counters = tile_counters(x.device, tiles) if sum_in_kernel else partial
+    else:  # stand-ins the kernel does not read
+        partial, counters = out, out
     double_quant = nested_absmax is not None
-    wrap_triton(kernel)[(triton.cdiv(n, block_n), split_k)](
+    wrap_triton(kernel)[(tiles, split_k)](
         x,
         data,
         *scale_args(absmax, quant_map, nested_absmax, nested_quant_map, nested_offset),
         bias if bias is not None else out,
+        out,
         partial,
+        counters,
         m,
         n,
         k,
@@ -168,11 +219,12 @@ def launch(
         HAS_BIAS=bias is not None,
         BLOCK_N=block_n,
         SPLIT_K=split_k,
+        SUM_IN_KERNEL=sum_in_kernel,
         INTERPRETED=interpreted(),
         num_warps=num_warps,
         **consts,
     )
-    if split_k > 1:
+    if split_k > 1 and not sum_in_kernel:
         block = 1024
         wrap_triton(_split_k_sum_kernel)[(triton.cdiv(m * n, block),)](
             partial, bias if bias is not None else out, out, m * n, n, SPLIT_K=split_k, HAS_BIAS=bias is not None,

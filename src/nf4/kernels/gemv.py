@@ -13,12 +13,15 @@ sweeps taught (docs/BENCHMARKS_GPU.md):
   ``tl.gather`` (a table store and two barriers a step). Under the interpreter the lookup is a ``tl.gather``;
 - a thread holds 4 rows of the same code words, so x's conversions serve 4 rows: 4.4 instructions a weight,
   12-18% faster than one row a thread at M = 1 on the 8B/70B MLP shapes, 32-39% faster at M = 3 (fp32 x);
-- x is read as 32-bit words of two elements in the layout of the code tile (word 4w + v beside byte v of
-  code word w), so nothing changes layout inside the loop;
+- x is read in the layout of the code tile, a code word's 8 elements in one 16-byte load (4 words of two
+  bf16/fp16: word 4w + v beside byte v of code word w), so nothing changes layout inside the loop;
 - the products of a word are summed as fma chains, and the absmax multiplies a block's sum once;
 - split-K: with one program per row tile, the GPU holds too few loads in flight (N = 4096 gives 128 programs).
-  The slices' fp32 sums go to a [SPLIT_K, M, N] buffer that a second small kernel adds up in a fixed order,
-  so the result does not depend on timing.
+  The slices' fp32 sums go to a [SPLIT_K, M, N] buffer; the last program of a row tile to finish adds them
+  up in slice order (common.store_tile), so the result does not depend on timing.
+- profiled (ncu, 28672x8192): 126 registers a thread (16 one-warp programs an SM), the L1/shared data pipe
+  84% busy (the shuffles, then the scattered absmax loads), DRAM 35%; with the lookups, absmax and x loads all
+  removed the loop still took 0.053 ms of 0.073: the code stream alone does not reach the copy bandwidth.
 
 Needs K % blocksize == 0 (a row is whole blocks); other shapes take dequantize + cuBLAS (gemm.py).
 """
@@ -33,26 +36,58 @@ import triton.language as tl
 
 from nf4.kernels.common import launch, load_absmax, store_tile
 
-# x is read as words of two consecutive elements: word j = (x[2j] low half, x[2j + 1] high half).
-_WORD = {torch.bfloat16: torch.int32, torch.float16: torch.int32}
 
-
-# x[m, 2j] and x[m, 2j + 1] in fp32, for byte positions ``byte`` (x_ptr: row m's words, or elements for fp32).
+# Each code word's 8 elements of x come in one 16-byte load (two for fp32 x): x is passed as int32 words, and the
+# 4 scalar loads Triton emits for 4 words were one LDG a word (H200, M = 1: up to 3% faster, docs/BENCHMARKS_GPU.md).
 @triton.jit
-def _x_pair(x_ptr, byte, mask, X_KIND: tl.constexpr):
-    # one return at the end: Triton 3.6 compiles the code after an early return in a constexpr branch too
-    if X_KIND == 2:
-        x_even = tl.load(x_ptr + 2 * byte, mask=mask, other=0.0)
-        x_odd = tl.load(x_ptr + 2 * byte + 1, mask=mask, other=0.0)
+def _load16(ptr, mask, INTERPRETED: tl.constexpr):
+    """The 4 int32 words at ptr (16-byte aligned), 0 where masked. Interpreted (no inline PTX), four loads."""
+    if INTERPRETED:
+        w0 = tl.load(ptr, mask=mask, other=0)
+        w1 = tl.load(ptr + 1, mask=mask, other=0)
+        w2 = tl.load(ptr + 2, mask=mask, other=0)
+        w3 = tl.load(ptr + 3, mask=mask, other=0)
     else:
-        word = tl.load(x_ptr + byte, mask=mask, other=0)
-        if X_KIND == 0:  # bf16 -> fp32 is the 16 bits placed high
-            x_even = (word << 16).to(tl.float32, bitcast=True)
-            x_odd = ((word >> 16) << 16).to(tl.float32, bitcast=True)
-        else:
-            x_even = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            x_odd = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return x_even, x_odd
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;"
+            " @p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4]; }",
+            "=r,=r,=r,=r,l,r", [ptr, mask.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    return w0, w1, w2, w3
+
+
+# A word of two bf16/fp16 elements (low half first) -> both in fp32.
+@triton.jit
+def _pair(word, X_KIND: tl.constexpr):
+    if X_KIND == 0:  # bf16 -> fp32 is the 16 bits placed high
+        first = (word << 16).to(tl.float32, bitcast=True)
+        second = ((word >> 16) << 16).to(tl.float32, bitcast=True)
+    else:
+        first = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        second = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return first, second
+
+
+# x[8w .. 8w + 7] in fp32 for code words w (x_ptr: the row's int32 words), ordered as _word_products takes them:
+# (x[2j], x[2j + 1]) for byte v of the word, j = 4w + v.
+@triton.jit
+def _x_step(x_ptr, word, mask, X_KIND: tl.constexpr, INTERPRETED: tl.constexpr):
+    if X_KIND == 2:  # fp32: a word is an element
+        e0, o0, e1, o1 = _load16(x_ptr + 8 * word, mask, INTERPRETED)
+        e2, o2, e3, o3 = _load16(x_ptr + 8 * word + 4, mask, INTERPRETED)
+        f32: tl.constexpr = tl.float32
+        xe0, xo0 = e0.to(f32, bitcast=True), o0.to(f32, bitcast=True)
+        xe1, xo1 = e1.to(f32, bitcast=True), o1.to(f32, bitcast=True)
+        xe2, xo2 = e2.to(f32, bitcast=True), o2.to(f32, bitcast=True)
+        xe3, xo3 = e3.to(f32, bitcast=True), o3.to(f32, bitcast=True)
+    else:
+        w0, w1, w2, w3 = _load16(x_ptr + 4 * word, mask, INTERPRETED)
+        xe0, xo0 = _pair(w0, X_KIND)
+        xe1, xo1 = _pair(w1, X_KIND)
+        xe2, xo2 = _pair(w2, X_KIND)
+        xe3, xo3 = _pair(w3, X_KIND)
+    return xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3
 
 
 # level[code & 15] as fp32. On the GPU from the warp's lanes: lut is this lane's level l % 16 (as bits) and shfl
@@ -107,6 +142,8 @@ def _gemv_kernel(
     nested_offset_ptr,
     bias_ptr,
     out_ptr,
+    partial_ptr,
+    counter_ptr,
     M,
     N,
     K,
@@ -114,11 +151,12 @@ def _gemv_kernel(
     BLOCKSIZE: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    X_KIND: tl.constexpr,  # 0: bf16 words, 1: fp16 words, 2: fp32 elements
+    X_KIND: tl.constexpr,  # x's int32 words hold 0: bf16 pairs, 1: fp16 pairs, 2: fp32 elements
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NBK: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    SUM_IN_KERNEL: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
@@ -173,10 +211,7 @@ def _gemv_kernel(
         for m in tl.static_range(BLOCK_M):
             x_row = x_ptr + m * stride_x
             x_mask = in_row if BLOCK_M == 1 else in_row & (word * 0 + m < M)
-            xe0, xo0 = _x_pair(x_row, word * 4, x_mask, X_KIND)
-            xe1, xo1 = _x_pair(x_row, word * 4 + 1, x_mask, X_KIND)
-            xe2, xo2 = _x_pair(x_row, word * 4 + 2, x_mask, X_KIND)
-            xe3, xo3 = _x_pair(x_row, word * 4 + 3, x_mask, X_KIND)
+            xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = _x_step(x_row, word, x_mask, X_KIND, INTERPRETED)
             block_sum = tl.sum(_word_products(levels, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3), axis=2)
             if BLOCK_M == 1:
                 acc += block_sum * absmax
@@ -187,7 +222,10 @@ def _gemv_kernel(
         result = tl.sum(acc, axis=1)[:, None]  # [BLOCK_N, 1]
     else:
         result = acc
-    store_tile(result, rows, mcol, M, N, bias_ptr, out_ptr, HAS_BIAS, SPLIT_K, INTERPRETED)
+    store_tile(
+        result, rows, mcol, M, N, bias_ptr, out_ptr, partial_ptr, counter_ptr, HAS_BIAS, SPLIT_K, SUM_IN_KERNEL,
+        INTERPRETED,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -255,17 +293,17 @@ def gemv(
     m, k = x.shape
     assert 1 <= m <= MAX_M and supported(k, blocksize), (x.shape, blocksize)
     config = config or default_config(n, k, blocksize)
-    if x.dtype in _WORD:  # rows of element-pair words: unit column stride, even row stride, even element offset
-        if x.stride(1) != 1 or (m > 1 and x.stride(0) % 2) or x.storage_offset() % 2:
-            x = x.clone(memory_format=torch.contiguous_format)
-        x_arg, x_kind = x.view(_WORD[x.dtype]), 0 if x.dtype == torch.bfloat16 else 1
-    else:
-        x_arg, x_kind = (x if x.stride(1) == 1 else x.contiguous()), 2
+    # x as int32 words, each row starting on 16 bytes (the vector loads; CUDA allocations are 512-byte aligned)
+    size = x.element_size()
+    if x.stride(1) != 1 or (x.storage_offset() * size) % 16 or (m > 1 and (x.stride(0) * size) % 16):
+        x = x.clone(memory_format=torch.contiguous_format)
+    x_kind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype]
     codes = data.reshape(-1)  # int32 words: 4 bytes, 8 codes (a row is blocksize / 8 >= 4 words)
     if codes.storage_offset() % 4:
         codes = codes.clone()
     qargs = (codes.view(torch.int32), absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize)
     return launch(
-        _gemv_kernel, x_arg, x.dtype, k, qargs, n, bias, config.block_n, config.split_k, config.num_warps,
-        X_KIND=x_kind, BLOCK_M=triton.next_power_of_2(m), NBK=config.nbk, PREFETCH=config.prefetch,
+        _gemv_kernel, x.view(torch.int32), x.dtype, k, qargs, n, bias, config.block_n, config.split_k,
+        config.num_warps, True, X_KIND=x_kind, BLOCK_M=triton.next_power_of_2(m), NBK=config.nbk,
+        PREFETCH=config.prefetch,
     )  # fmt: skip

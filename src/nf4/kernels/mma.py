@@ -95,6 +95,8 @@ def _mma_kernel(
     nested_offset_ptr,
     bias_ptr,
     out_ptr,
+    partial_ptr,
+    counter_ptr,
     M,
     N,
     K,
@@ -106,6 +108,7 @@ def _mma_kernel(
     BLOCK_N: tl.constexpr,
     NBK: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    SUM_IN_KERNEL: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     HB: tl.constexpr = BLOCKSIZE // 2
@@ -148,7 +151,10 @@ def _mma_kernel(
             else:
                 part = tl.dot(w, tl.trans(xt))
             acc += part * absmax
-    store_tile(acc, rows, mrow, M, N, bias_ptr, out_ptr, HAS_BIAS, SPLIT_K, INTERPRETED)
+    store_tile(
+        acc, rows, mrow, M, N, bias_ptr, out_ptr, partial_ptr, counter_ptr, HAS_BIAS, SPLIT_K, SUM_IN_KERNEL,
+        INTERPRETED,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -215,6 +221,6 @@ def mma(
         x = x.contiguous()
     qargs = (data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize)
     return launch(
-        _mma_kernel, x, x.dtype, k, qargs, n, bias, config.block_n, config.split_k, config.num_warps,
+        _mma_kernel, x, x.dtype, k, qargs, n, bias, config.block_n, config.split_k, config.num_warps, False,
         BLOCK_M=max(16, triton.next_power_of_2(m)), NBK=config.nbk, num_stages=config.num_stages,
     )  # fmt: skip
