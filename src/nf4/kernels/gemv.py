@@ -19,9 +19,9 @@ sweeps taught (docs/BENCHMARKS_GPU.md):
 - split-K: with one program per row tile, the GPU holds too few loads in flight (N = 4096 gives 128 programs).
   The slices' fp32 sums go to a [SPLIT_K, M, N] buffer; the last program of a row tile to finish adds them
   up in slice order (common.store_tile), so the result does not depend on timing.
-- profiled (ncu, 28672x8192): 126 registers a thread (16 one-warp programs an SM), the L1/shared data pipe
-  84% busy (the shuffles, then the scattered absmax loads), DRAM 35%; with the lookups, absmax and x loads all
-  removed the loop still took 0.053 ms of 0.073: the code stream alone does not reach the copy bandwidth.
+- profiled (ncu, 28672x8192): 126 registers a thread (16 one-warp programs an SM), the L1 data pipe (which
+  the shuffles and loads share) 84% busy, DRAM 35%; with the lookups, absmax and x loads all removed, the
+  kernel still took 0.053-0.055 ms of 0.073: the code stream alone does not reach the copy bandwidth.
 
 Needs K % blocksize == 0 (a row is whole blocks); other shapes take dequantize + cuBLAS (gemm.py).
 """
@@ -38,7 +38,7 @@ from nf4.kernels.common import launch, load_absmax, store_tile
 
 
 # Each code word's 8 elements of x come in one 16-byte load (two for fp32 x): x is passed as int32 words, and the
-# 4 scalar loads Triton emits for 4 words were one LDG a word (H200, M = 1: up to 3% faster, docs/BENCHMARKS_GPU.md).
+# 4 scalar loads Triton emits for 4 words become one (H200, M = 1: 3% faster on 8192x28672, within 2% elsewhere).
 @triton.jit
 def _load16(ptr, mask, INTERPRETED: tl.constexpr):
     """The 4 int32 words at ptr (16-byte aligned), 0 where masked. Interpreted (no inline PTX), four loads."""
