@@ -175,6 +175,10 @@ def test_gemv_rejects_partial_blocks_per_row() -> None:
 # empty one, two blocks a step, 16-row tiles.
 MMA_CASES = [(130, 192, 64), (17, 512, 32), (40, 384, 128), (5, 768, 256)]
 MMA_CONFIGS = [None, kmma.MmaConfig(block_n=32, nbk=2, split_k=3), kmma.MmaConfig(block_n=16, split_k=4)]
+# The tensor-core kernel rounds each level to x's dtype and scales in fp32, where dequantize rounds level * absmax:
+# two roundings of a weight apart, so twice the tolerance (5 outputs of M = 1, 200 draws: bf16 passed 1x 198 times,
+# fp16 reached 0.99x; none came near 2x).
+MMA_TOLERANCE = {dtype: 2 * tolerance for dtype, tolerance in TOLERANCE.items()}
 
 
 @pytest.mark.parametrize("nkb", MMA_CASES)
@@ -192,7 +196,7 @@ def test_mma_matches_dequantize_then_fp32_matmul(
     out = kmma.mma(x, *_qargs(q), n, bias, config)
     ref = x.float() @ format.dequantize(q, dtype).float().T + bias.float()
     assert out.dtype == dtype and out.shape == (m, n)
-    assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
+    assert ((out.float() - ref).norm() / ref.norm()).item() < MMA_TOLERANCE[dtype]
 
 
 def test_mma_reads_x_through_a_view() -> None:
@@ -202,7 +206,7 @@ def test_mma_reads_x_through_a_view() -> None:
     for x in (big[:, 1:129], big[2:5, 7:135]):
         ref = x.float() @ format.dequantize(q, torch.float16).float().T
         out = kmma.mma(x, *_qargs(q), 20, None)
-        assert ((out.float() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.float16]
+        assert ((out.float() - ref).norm() / ref.norm()).item() < MMA_TOLERANCE[torch.float16]
 
 
 def test_mma_takes_half_precision_whole_blocks_only() -> None:
