@@ -240,25 +240,28 @@ class GemvConfig:
 
 
 # Tiles and programs (H200, shuffle lookups, weights rotated past L2, ms). A warp takes 32 rows, 4 a thread, so each
-# thread converts x's words once for 4 rows (SASS: 4.4 instructions a weight against 6.8 with one row a thread),
-# split-K doubled up to 4096 programs while a slice keeps >= 4 steps. M = 1: 0.0725 / 0.0742 / 0.0228 / 0.0237 /
-# 0.0109 on 28672x8192 / 8192x28672 / 14336x4096 / 4096x14336 / 4096x4096, against 0.0886 / 0.0855 / 0.0263 /
-# 0.0269 / 0.0105 for the best one-row-a-thread tiles (8 rows a warp, or 32 rows over four warps); 64 rows a warp
-# or over two warps were no faster. fp32 x, M = 3: 0.2052 / 0.2025 / 0.0579 / 0.0566 / 0.0195 against 0.3144 /
-# 0.3262 / 0.0851 / 0.0925 / 0.0306 for 32 rows over four warps (within 4% of the best split of each shape).
+# thread converts x's words once for 4 rows (SASS: 4.4 instructions a weight against 6.8 with one row a thread);
+# 64 rows a warp or over two warps were no faster, nor tiles with K across the lanes (16-512 bytes of a row a load).
+# Split-K is doubled up to 4096 programs, at most 16 slices (a tile's last program adds them one after another:
+# 32 were 11% slower on 4096x14336) and at least 2 steps a slice. That rule, against >= 4 steps a slice: 4096x4096
+# 0.0094 / 0.0099, 1024x4096 0.0058 / 0.0077, 1000x4160 0.0069 / 0.0085, the 70B and 8B MLP shapes unchanged, the
+# 8B decode step 3.07 / 3.22 ms; fp32 x at M = 3 won on narrow shapes (1000x4160 0.0105 / 0.0141) and lost on
+# 4097x4160 (0.0253 / 0.0198) and 4100x4096 (0.0200 / 0.0180). docs/BENCHMARKS_GPU.md, "Ninth session".
 _TARGET_PROGRAMS = 4096
+_MAX_SPLIT_K = 16
+_MIN_STEPS_PER_SLICE = 2
 
 
 def default_config(n: int, k: int, blocksize: int) -> GemvConfig:
-    """16 bytes of codes a row a step (blocksize 64: 2 blocks), 32 rows a one-warp program; split-K doubled while it
-    stays under the target count of programs."""
+    """64 bytes of codes a row a step (blocksize 64: 2 blocks; 16 bytes a thread), 32 rows a one-warp program;
+    split-K doubled while it stays under the target count of programs, 16 slices and 2 steps a slice."""
     half = blocksize // 2
     nbk = max(1, 64 // half)
     steps = -(-(k // blocksize) // nbk)
     block_n = max(1, min(32, 2048 // (nbk * half)))
-    want = max(1, _TARGET_PROGRAMS // triton.cdiv(n, block_n))
+    want = min(_MAX_SPLIT_K, max(1, _TARGET_PROGRAMS // triton.cdiv(n, block_n)))
     split_k = 1
-    while split_k * 2 <= want and steps // (split_k * 2) >= 4:
+    while split_k * 2 <= want and steps // (split_k * 2) >= _MIN_STEPS_PER_SLICE:
         split_k *= 2
     return GemvConfig(block_n=block_n, nbk=nbk, num_warps=1, split_k=split_k)
 
