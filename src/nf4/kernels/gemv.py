@@ -57,6 +57,10 @@ def _load16(ptr, mask, INTERPRETED: tl.constexpr):
     return w0, w1, w2, w3
 
 
+# What x's int32 words hold, per x dtype (the kernel's X_KIND).
+_X_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
 # A word of two bf16/fp16 elements (low half first) -> both in fp32.
 @triton.jit
 def _pair(word, X_KIND: tl.constexpr):
@@ -294,19 +298,18 @@ def gemv(
 ) -> torch.Tensor:
     """x [M, K] (M <= MAX_M) @ W[n, K]^T (+ bias) -> [M, n] in x's dtype."""
     m, k = x.shape
-    assert 1 <= m <= MAX_M and supported(k, blocksize), (x.shape, blocksize)
+    assert 1 <= m <= MAX_M and supported(k, blocksize) and x.dtype in _X_KIND, (x.shape, x.dtype, blocksize)
     config = config or default_config(n, k, blocksize)
     # x as int32 words, each row starting on 16 bytes (the vector loads; CUDA allocations are 512-byte aligned)
     size = x.element_size()
     if x.stride(1) != 1 or (x.storage_offset() * size) % 16 or (m > 1 and (x.stride(0) * size) % 16):
         x = x.clone(memory_format=torch.contiguous_format)
-    x_kind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype]
     codes = data.reshape(-1)  # int32 words: 4 bytes, 8 codes (a row is blocksize / 8 >= 4 words)
     if codes.storage_offset() % 4:
         codes = codes.clone()
     qargs = (codes.view(torch.int32), absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize)
     return launch(
         _gemv_kernel, x.view(torch.int32), x.dtype, k, qargs, n, bias, config.block_n, config.split_k,
-        config.num_warps, True, X_KIND=x_kind, BLOCK_M=triton.next_power_of_2(m), NBK=config.nbk,
+        config.num_warps, True, X_KIND=_X_KIND[x.dtype], BLOCK_M=triton.next_power_of_2(m), NBK=config.nbk,
         PREFETCH=config.prefetch,
     )  # fmt: skip
