@@ -171,20 +171,26 @@ class MmaConfig:
 # Rows x slices the launch aims for, and the fewest blocks a slice keeps (H200 sweeps, docs/BENCHMARKS.md): the
 # split-K this gives on the five Llama shapes (N x K = 28672x8192 / 8192x28672 / 14336x4096 / 4096x14336 /
 # 4096x4096: 4 / 16 / 8 / 16 / 8) measured as fast as or faster than half or twice that; two blocks a step,
-# 8 warps or other pipeline depths were slower.
+# 8 warps or other pipeline depths were slower. Where 128-row tiles would make fewer than _SMALL_LAUNCH programs,
+# 64-row tiles keep more SMs busy (M = 16: 4096x4096 0.0147 against 0.0153 ms, 1024x4096 0.0091-0.0098 against
+# 0.0123; 4096x14336, 512 programs, was 6% slower with them; 8B decode step at batch 16 5.03 -> 4.80 ms),
+# docs/BENCHMARKS_GPU.md, "Ninth session".
 _TARGET_ROW_SLICES = 1024 * 128
 _MIN_BLOCKS_PER_SLICE = 8
+_SMALL_LAUNCH = 512
 
 
 def default_config(n: int, k: int, blocksize: int, m: int) -> MmaConfig:
     """128-row tiles up to 16 rows of x (64-row tiles for 32 and 64: measured 2-5% faster, and the fp32
-    accumulator stays at 32 registers a thread), one block a step, split-K doubled up to the target."""
+    accumulator stays at 32 registers a thread; and for launches too small to fill the GPU), one block a step,
+    split-K doubled up to the target."""
     blocks = k // blocksize
     want = max(1, _TARGET_ROW_SLICES // n)
     split_k = 1
     while split_k * 2 <= want and blocks // (split_k * 2) >= _MIN_BLOCKS_PER_SLICE:
         split_k *= 2
-    return MmaConfig(block_n=128 if m <= 16 else 64, split_k=split_k)
+    large = m <= 16 and triton.cdiv(n, 128) * split_k >= _SMALL_LAUNCH
+    return MmaConfig(block_n=128 if large else 64, split_k=split_k)
 
 
 # Rows of x the kernel takes (ops sends MIN_M <= M <= MAX_M here). x's tile is M rounded up to 16, 32 or 64
