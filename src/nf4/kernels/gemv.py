@@ -130,9 +130,9 @@ def _word_products(levels, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3):
 
 # Step s of a program covers blocks [s*NBK, (s+1)*NBK) of its rows. The codes come as int32 words in the load's
 # layout (4 words, 16 bytes, a thread): byte v of a word is bits 8v..8v+7, its high nibble the code of element 2j,
-# its low nibble that of 2j + 1. Every nibble is shifted in its register and looked up by a warp shuffle, and x is
-# read per byte position v (pairs at stride 4 words, the codes' layout), so nothing changes layout inside the
-# loop. For each row m of x:
+# its low nibble that of 2j + 1. Every nibble is shifted in its register and looked up by a warp shuffle, and a
+# code word's 8 elements of x come in one 16-byte load in the codes' layout (_x_step), so nothing changes layout
+# inside the loop. For each row m of x:
 #   acc[n, m] += sum_b absmax[n, b] * sum over the block's words of _word_products        (fp32)
 # (at M = 1 the sum over b waits until the end). The codes are decoded once for all M rows.
 @triton.jit
