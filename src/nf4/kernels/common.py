@@ -53,7 +53,30 @@ def flush(x):
 #   plain:        absmax[b]                                               (fp32)
 #   double quant: flush(nested_quant_map[absmax[b]] * nested_absmax[b // 256]) + offset   (two fp32 roundings)
 # The offset is read from memory (a 0-d fp32 tensor), not passed by value: a per-weight Python float would make
-# torch.compile specialize the graph on it, one compile per layer.
+# torch.compile specialize the graph on it, one compile per layer. In two halves, so that a loop can issue the
+# stored bytes' loads (absmax_raw) a step before it needs the value (absmax_decode, whose table lookup hits L1).
+@triton.jit
+def absmax_raw(absmax_ptr, nested_absmax_ptr, b, mask, DOUBLE_QUANT: tl.constexpr):
+    """Block b's stored absmax: (8-bit code, nested scale) with double quant, else (fp32 absmax, the same)."""
+    if DOUBLE_QUANT:
+        code = tl.load(absmax_ptr + b, mask=mask, other=0).to(tl.int32)
+        return code, tl.load(nested_absmax_ptr + b // 256, mask=mask, other=0.0)
+    else:
+        absmax = tl.load(absmax_ptr + b, mask=mask, other=0.0)
+        return absmax, absmax
+
+
+@triton.jit
+def absmax_decode(
+    code, scale, nested_quant_map_ptr, nested_offset_ptr, DOUBLE_QUANT: tl.constexpr, INTERPRETED: tl.constexpr
+):
+    """The fp32 absmax from absmax_raw's pair."""
+    if DOUBLE_QUANT:
+        return flush(mul_rn(tl.load(nested_quant_map_ptr + code), scale, INTERPRETED)) + tl.load(nested_offset_ptr)
+    else:
+        return code
+
+
 @triton.jit
 def load_absmax(
     absmax_ptr,
@@ -65,12 +88,8 @@ def load_absmax(
     DOUBLE_QUANT: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
-    if DOUBLE_QUANT:
-        code = tl.load(absmax_ptr + b, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_absmax_ptr + b // 256, mask=mask, other=0.0)
-        return flush(mul_rn(tl.load(nested_quant_map_ptr + code), scale, INTERPRETED)) + tl.load(nested_offset_ptr)
-    else:
-        return tl.load(absmax_ptr + b, mask=mask, other=0.0)
+    code, scale = absmax_raw(absmax_ptr, nested_absmax_ptr, b, mask, DOUBLE_QUANT)
+    return absmax_decode(code, scale, nested_quant_map_ptr, nested_offset_ptr, DOUBLE_QUANT, INTERPRETED)
 
 
 # fp32 -> out_ptr's dtype, rounded to nearest even. The interpreter's own bf16 cast truncates, so there the

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import launch, load_absmax, round_to, store_tile
+from nf4.kernels.common import absmax_decode, absmax_raw, launch, round_to, store_tile
 
 
 # The 16 levels in x's dtype (bf16/fp16 bits) as 8 words of bytes, the table of _levels_prmt:
@@ -127,15 +127,23 @@ def _mma_kernel(
     h0, h1, h2, h3, l0, l1, l2, l3 = _byte_tables(table)
     zero = tl.zeros((BLOCK_N, HB), tl.int32)
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    row_blocks = rn * blocks_per_row
+    a_code, a_scale = absmax_raw(
+        absmax_ptr, nested_absmax_ptr, row_blocks + s0 * NBK, rn * 0 + s0 * NBK < blocks_per_row, DOUBLE_QUANT
+    )
     for s in range(s0, s1):
         for i in tl.static_range(NBK):
             blk = s * NBK + i  # past the row's last block (a partial last step): codes, absmax and x read as 0
             codes = tl.load(code_ptr + blk * HB, mask=zero + blk < blocks_per_row, other=0,
                             eviction_policy="evict_first")  # fmt: skip
-            absmax = load_absmax(
-                absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
-                rn * blocks_per_row + blk, rn * 0 + blk < blocks_per_row, DOUBLE_QUANT, INTERPRETED,
-            )[:, None]  # fmt: skip
+            # this block's absmax bytes were loaded a block ahead; the next block's go out now (Triton's pipelining
+            # takes the codes and x, not these 1-byte loads, which were waited for every block)
+            code, scale = a_code, a_scale
+            a_code, a_scale = absmax_raw(
+                absmax_ptr, nested_absmax_ptr, row_blocks + blk + 1, rn * 0 + blk + 1 < blocks_per_row, DOUBLE_QUANT
+            )
+            absmax = absmax_decode(code, scale, nested_quant_map_ptr, nested_offset_ptr, DOUBLE_QUANT, INTERPRETED)
+            absmax = absmax[:, None]
             if INTERPRETED:  # no inline PTX on CPU: the same levels by a table gather
                 flat = tl.reshape(codes.to(tl.int32), (BLOCK_N * HB,))
                 hi = tl.reshape(tl.gather(table, flat >> 4, 0), (BLOCK_N, HB))
