@@ -19,9 +19,12 @@ sweeps taught (docs/BENCHMARKS_GPU.md):
 - split-K: with one program per row tile, the GPU holds too few loads in flight (N = 4096 gives 128 programs).
   The slices' fp32 sums go to a [SPLIT_K, M, N] buffer; the last program of a row tile to finish adds them
   up in slice order (common.store_tile), so the result does not depend on timing.
-- profiled (ncu, 28672x8192): 126 registers a thread (16 one-warp programs an SM), the L1 data pipe (which
-  the shuffles and loads share) 84% busy, DRAM 35%; with the lookups, absmax and x loads all removed, the
-  kernel still took 0.053-0.055 ms of 0.073: the code stream alone does not reach the copy bandwidth.
+- profiled (ncu, 28672x8192): 95 registers a thread (20 one-warp programs an SM), the L1 data pipe (which
+  the shuffles and loads share) 82% busy, DRAM 35%; with the lookups, absmax and x loads all removed, the
+  kernel still took 0.053-0.055 ms of 0.073: the code stream alone does not reach the copy bandwidth;
+- and measured slower: lookups by byte permutes (the work moves to the ALU pipe, 74% busy: 19-34% slower),
+  codes by TMA with 3-6 pipeline stages (7-35%, more stages slower), the absmax loaded a step ahead (1-23%:
+  the 20 warps an SM already hide it).
 
 Needs K % blocksize == 0 (a row is whole blocks); other shapes take dequantize + cuBLAS (gemm.py).
 """
