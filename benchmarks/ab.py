@@ -1,0 +1,126 @@
+"""A/B of fused-matmul kernel variants on one GPU, in one process: times, errors, registers.
+
+Usage: python benchmarks/ab.py [--fn gemv|mma] [--m M] [--shapes A,B] [--out DIR] --variant SPEC [--variant SPEC ...]
+SPEC is LABEL=PATH[:ATTR=VALUE,...][@FIELD=VALUE,...]: a copy of gemv.py or mma.py (a file under out/, say, with
+the change to try), module attributes set before each call (e.g. a LOOKUP switch the copy reads), and fields of
+its default config replaced (a negative split_k divides the default one). Per shape: bf16 cuBLAS and each variant
+at M rows, weights rotated past L2, medians of CUDA-graph replays (kernels_sweep.graph_ms); each variant's error
+against fp64 on a fresh input with its output poisoned first, whether it is bit-equal to ``ops.matmul`` (the
+committed kernel), its split and its compiled kernels' (warps, registers, spills). One JSON line per shape, and
+ab.json in DIR. The tenth session's A/B tables (docs/BENCHMARKS_GPU.md) came from this script's first version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+from types import ModuleType
+
+import torch
+import triton
+
+import nf4
+from nf4 import ops
+
+sys.path.insert(0, os.path.dirname(__file__))
+import kernels  # noqa: E402
+import kernels_sweep as ks  # noqa: E402
+
+
+@dataclasses.dataclass
+class Variant:
+    label: str
+    module: ModuleType
+    attrs: dict
+    fields: dict
+
+
+def _values(text: str) -> dict:
+    """'a=1,b=True' -> {'a': 1, 'b': True}."""
+    pairs = (item.split("=", 1) for item in text.split(",") if item)
+    return {key: ast.literal_eval(value) for key, value in pairs}
+
+
+def parse_variant(spec: str, modules: dict[str, ModuleType]) -> Variant:
+    """LABEL=PATH[:ATTR=VALUE,...][@FIELD=VALUE,...] -> Variant (one module object per path)."""
+    label, rest = spec.split("=", 1)
+    rest, _, fields = rest.partition("@")
+    path, _, attrs = rest.partition(":")
+    if path not in modules:
+        name = f"ab_variant_{len(modules)}"
+        spec_ = importlib.util.spec_from_file_location(name, path)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec_)
+        spec_.loader.exec_module(module)
+        modules[path] = module
+    return Variant(label, modules[path], _values(attrs), _values(fields))
+
+
+def _registers(module: ModuleType, fn: str) -> list:
+    """(warps, registers, spills) of every compilation of the module's kernel so far."""
+    kernel = getattr(module, f"_{fn}_kernel")
+    found = {(c.metadata.num_warps, c.n_regs, c.n_spills) for cache in kernel.device_caches.values() for c in
+             cache[0].values()}  # fmt: skip
+    return sorted(found)
+
+
+def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
+    n, k = ks.SHAPES[name]
+    copies = max(1, -(-ks.ROTATE_BYTES // (n * k // 2)))
+    qs = [ops.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
+    qa = [ks.qargs(q) for q in qs]
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, copies // 4))]
+    w0 = nf4.dequantize(qs[0], torch.bfloat16).double()
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    row: dict = dict(shape=name, M=m, bf16_ms=round(ks.graph_ms([lambda w=w: x @ w.T for w in ws]), 4))
+    for v in variants:
+        for attr, value in v.attrs.items():
+            setattr(v.module, attr, value)
+        default = v.module.default_config(n, k, 64) if fn == "gemv" else v.module.default_config(n, k, 64, m)
+        fields = dict(v.fields)
+        if fields.get("split_k", 1) < 0:
+            fields["split_k"] = max(1, default.split_k // -fields["split_k"])
+        config = dataclasses.replace(default, **fields)
+        call = getattr(v.module, fn)
+        try:
+            fresh = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ks.poison()
+            out = call(fresh, *qa[0], n, None, config)
+            ref = fresh.double() @ w0.T
+            rel = ((out.double() - ref).norm() / ref.norm()).item()  # NaN if an element was left unwritten
+            ms = ks.graph_ms([lambda a=a, f=call, c=config: f(x, *a, n, None, c) for a in qa])
+            row[v.label] = dict(ms=round(ms, 4), rel_err=float(f"{rel:.2e}"), split_k=config.split_k,
+                                bit_equal=torch.equal(out, ops.matmul(fresh, qs[0])))  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - a variant that fails to build or run is a result too
+            row[v.label] = repr(e)[:300]
+    row["kernels"] = {v.label: _registers(v.module, fn) for v in variants}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fn", choices=("gemv", "mma"), default="gemv")
+    parser.add_argument("--m", type=int, default=1)
+    parser.add_argument("--shapes", default="70B_up,70B_down,8B_up,8B_down,8B_qo")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--variant", action="append", required=True)
+    args = parser.parse_args()
+    modules: dict[str, ModuleType] = {}
+    variants = [parse_variant(spec, modules) for spec in args.variant]
+    rows = [dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                 copy_GBps=round(kernels.copy_bandwidth()))]  # fmt: skip
+    print(json.dumps(rows[0]), flush=True)
+    for name in args.shapes.split(","):
+        rows.append(run_shape(name, args.fn, args.m, variants))
+        print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "ab.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
