@@ -24,7 +24,6 @@ from types import ModuleType
 import torch
 import triton
 
-import nf4
 from nf4 import ops
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -70,11 +69,7 @@ def _registers(module: ModuleType, fn: str) -> list:
 
 def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
     n, k = ks.SHAPES[name]
-    copies = max(1, -(-ks.ROTATE_BYTES // (n * k // 2)))
-    qs = [ops.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
-    qa = [ks.qargs(q) for q in qs]
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, copies // 4))]
-    w0 = nf4.dequantize(qs[0], torch.bfloat16).double()
+    qs, qa, ws, w0 = ks.rotated_weights(n, k)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     row: dict = dict(shape=name, M=m, bf16_ms=round(ks.graph_ms([lambda w=w: x @ w.T for w in ws]), 4))
     for v in variants:

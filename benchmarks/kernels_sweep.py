@@ -100,13 +100,18 @@ def poison() -> None:
     torch.full((1 << 28,), float("nan"), device="cuda")
 
 
-def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool, mma: bool) -> None:
-    n, k = SHAPES[name]
+def rotated_weights(n: int, k: int) -> tuple[list, list, list, torch.Tensor]:
+    """Random n x k weights to rotate over, past L2: NF4 copies (qs) and their kernel arguments (qa), a quarter as
+    many bf16 copies (ws: 4x the bytes each), and the first NF4 copy dequantized to fp64 (the reference)."""
     copies = max(1, -(-ROTATE_BYTES // (n * k // 2)))
     qs = [ops.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
-    qa = [qargs(q) for q in qs]
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, copies // 4))]
-    w0 = nf4.dequantize(qs[0], torch.bfloat16).double()
+    return qs, [qargs(q) for q in qs], ws, nf4.dequantize(qs[0], torch.bfloat16).double()
+
+
+def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool, mma: bool) -> None:
+    n, k = SHAPES[name]
+    qs, qa, ws, w0 = rotated_weights(n, k)
     floor4 = (n * k / 2 + n * k / 64) / copy_gbps / 1e6  # codes + 1 byte of absmax code per block
     for m in sorted(set(MS) | (set(MMA_MS) if mma else set())):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -120,7 +125,7 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool, mm
             import bitsandbytes.functional as bnbf
 
             bqs = [bnbf.quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), quant_type="nf4",
-                                      blocksize=64, compress_statistics=True) for _ in range(copies)]  # fmt: skip
+                                      blocksize=64, compress_statistics=True) for _ in qs]  # fmt: skip
             row["bnb_ms"] = round(graph_ms([lambda b=b, x=x: bnb.matmul_4bit(x, b[0].t(), b[1]) for b in bqs]), 4)
             del bqs
         todo = [(c, key, kgemv.gemv) for key, c in variants(n, k).items()] if m in MS else []
