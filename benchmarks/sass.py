@@ -61,15 +61,22 @@ def _dequantize(out: str, double_quant: bool, partial: bool) -> tuple:
 
 
 def _quantize(x: str, fp4: bool) -> tuple:
-    ptrs = dict(x_ptr=x, tables_ptr="*i32", rcp_delta_ptr="*i32", data_ptr="*u8", absmax_ptr=_FP32)
-    consts = dict(BLOCKSIZE=64, NB=32, NTHRESHOLDS=7, SIGN_MAGNITUDE=fp4, BUCKETS=quantize._BUCKETS)
-    return quantize._quantize_kernel, ptrs, consts, 8, 3
+    ptrs = dict(x_ptr=x, tables_ptr="*i32" if fp4 else "*i64", rcp_delta_ptr="*i32", data_ptr="*u8", absmax_ptr=_FP32)
+    nb = quantize._ELEMENTS_PER_PROGRAM // 64
+    consts = dict(BLOCKSIZE=64, NB=nb, NTHRESHOLDS=7, SIGN_MAGNITUDE=fp4, BUCKETS=quantize._BUCKETS, PARTIAL=False)
+    return quantize._quantize_kernel, ptrs, consts, quantize._NUM_WARPS, 3
 
 
 def _double_quantize() -> tuple:
-    ptrs = dict(absmax_ptr=_FP32, offset_ptr=_FP32, dyn_ptr=_FP32, rcp_delta_ptr="*i32", codes_ptr="*u8",
-                nested_absmax_ptr=_FP32)  # fmt: skip
-    return quantize._double_quantize_kernel, ptrs, {}, 4, 3
+    ptrs = dict(absmax_ptr=_FP32, sums_ptr="*fp64", dyn_ptr=_FP32, rcp_delta_ptr="*i32", codes_ptr="*u8",
+                nested_absmax_ptr=_FP32, offset_ptr=_FP32)  # fmt: skip
+    consts = dict(G=quantize._SUM_PROGRAMS, NBN=quantize._NESTED_PER_PROGRAM)
+    return quantize._double_quantize_kernel, ptrs, consts, 4, 3
+
+
+def _absmax_sums() -> tuple:
+    ptrs = dict(absmax_ptr=_FP32, sums_ptr="*fp64")
+    return quantize._absmax_sums_kernel, ptrs, dict(BLOCK=quantize._SUM_BLOCK), 4, 3
 
 
 def _split_k_sum() -> tuple:
@@ -88,6 +95,7 @@ BUILDS = {
     "dequantize-fp32-plain-partial": _dequantize(_FP32, False, True),
     "quantize-nf4-bf16": _quantize("*bf16", False),
     "quantize-fp4-fp32": _quantize(_FP32, True),
+    "absmax-sums": _absmax_sums(),
     "double-quantize": _double_quantize(),
     "split-k-sum": _split_k_sum(),
 }
@@ -96,7 +104,7 @@ BUILDS = {
 def build(kernel: triton.JITFunction, ptrs: dict, consts: dict, num_warps: int, num_stages: int) -> dict:
     """Compile for sm_90a and read the cubin's resource usage and SASS. Pointers and integer arguments are marked
     16-divisible, as Triton specializes them on Llama-shaped weights."""
-    consts = {**consts, "INTERPRETED": False}
+    consts = {**consts, "INTERPRETED": False} if "INTERPRETED" in kernel.arg_names else consts
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         if kernel.params[i].is_constexpr:

@@ -38,7 +38,7 @@ def test_every_kernel_compiles_for_hopper() -> None:
     expected = {
         "gemv-bf16-m1-split4-dq", "gemv-fp16-m1-plain-bias", "gemv-fp32-m2-split16-dq", "gemv-fp32-m4-split16-dq",
         "mma-bf16-m16-rows128-dq", "mma-fp16-m64-rows64-plain", "dequantize-bf16-dq", "dequantize-fp32-plain-partial",
-        "quantize-nf4-bf16", "quantize-fp4-fp32", "double-quantize", "split-k-sum",
+        "quantize-nf4-bf16", "quantize-fp4-fp32", "absmax-sums", "double-quantize", "split-k-sum",
     }  # fmt: skip
     assert set(builds) == expected
     for name, r in builds.items():

@@ -361,12 +361,20 @@ def _encode_8bit(y: torch.Tensor, dyn: torch.Tensor) -> torch.Tensor:
     return torch.where(y > val, above, below).to(torch.uint8)
 
 
+def mean_offset(absmax: torch.Tensor) -> torch.Tensor:
+    """The double-quant offset, fp32 0-d: the float64 sum of absmax (read once, no float64 copy) over its count,
+    rounded once. The sum is exact, so the same in every order (device, reduction), while absmax spans less than
+    2**29 / count in magnitude; beyond that two orders can differ in the sum's last bits, which the rounding to
+    fp32 hides but for a ~2**-29 chance."""
+    return (absmax.sum(dtype=torch.float64) / absmax.numel()).float()
+
+
 def double_quantize(q: QuantizedTensor) -> QuantizedTensor:
     """Store a QuantizedTensor's fp32 absmax as 8-bit codes (blocks of 256, mean offset)."""
     if q.double_quant:
         return q
     absmax = q.absmax
-    offset = absmax.double().mean().float()
+    offset = mean_offset(absmax)
     centered = absmax - offset
     nb = centered.numel()
     padded = torch.nn.functional.pad(centered, (0, -nb % NESTED_BLOCKSIZE)).view(-1, NESTED_BLOCKSIZE)
