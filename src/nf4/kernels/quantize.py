@@ -1,8 +1,16 @@
 """Quantize: fp32/fp16/bf16 -> packed 4-bit codes + absmax, then the optional 8-bit double quantization.
 
-Two launches and one torch reduction: the 4-bit pass (reads 2 bytes, writes 0.5 byte per bf16 param: the
-floor), the float64 mean of absmax done by torch (the same on every device), then the nested pass over absmax
-(1/blocksize of the elements). Every rounding step mirrors ``nf4.format``, so the bytes are equal.
+Three launches: the 4-bit pass (reads 2 bytes, writes 0.5 byte per bf16 param: the floor), float64 partial sums
+of absmax, then the nested pass over absmax (1/blocksize of the elements), whose programs each finish the mean.
+Every rounding step mirrors ``nf4.format``, so the bytes are equal.
+
+What the H200 runs taught (docs/BENCHMARKS_GPU.md, "Eleventh session"): the first version of the 4-bit pass was
+bound by instructions (272 a thread for 8 elements: 0.289 ms on 28672x8192, 2.1x its floor). Multiplying by the
+reciprocal with flush-to-zero (no flush test), one 64-bit table entry a lookup, per-block masks (vector code
+stores) and 32 elements a thread took it to 20 instructions an element and 0.178-0.187 ms; cutting a further 25% of
+its instructions then changed nothing, nor did a persistent, prefetching loop (slower): what is left is the
+memory side. torch's float64 mean of absmax and the double-quant kernel took 0.048 ms; the partial sums (0.005) and
+the kernel with 4 nested blocks a program (each adding the 256 sums), 0.026.
 """
 
 from __future__ import annotations
@@ -17,10 +25,11 @@ from torch.library import wrap_triton
 from nf4 import codebook, format
 from nf4.kernels.common import flush, interpreted, reciprocal_approx
 
-# 8 elements a thread (8 warps): on an H200 the 4-bit pass of a 28672x8192 bf16 weight took 0.289 ms at 2048
-# elements a program, 0.319 at 4096 (the 128-bucket encoder: 0.383 / 0.426, 0.437 at 1024, 0.630 at 8192).
-_ELEMENTS_PER_PROGRAM = 4096
-_NUM_WARPS = 4
+# 32 elements a thread (2 warps). H200, 28672x8192 bf16, the 4-bit pass + double quant at elements a program /
+# warps: 2048 / 2 0.2085 and 0.2101 ms (two runs), 4096 / 4 0.2123 and 0.2140, 4096 / 2 0.2079, 8192 / 4 0.2088,
+# 8192 / 8 0.2132, 2048 / 8 (8 elements a thread) 0.2833 (docs/BENCHMARKS_GPU.md, "Eleventh session").
+_ELEMENTS_PER_PROGRAM = 2048
+_NUM_WARPS = 2
 # The mean's first step: _SUM_PROGRAMS float64 partial sums, each over a chunk of absmax read _SUM_BLOCK values at
 # a time; the double-quant kernel: _NESTED_PER_PROGRAM nested blocks (of 256) a program.
 _SUM_PROGRAMS = 256
