@@ -52,7 +52,7 @@ def test_quantize_and_dequantize_equal_reference(quant_type: str, blocksize: int
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 def test_quantize_flushes_subnormals_beside_a_tiny_absmax(quant_type: str) -> None:
     """A subnormal x is coded as 0 only because it is flushed first; that shows where the block's absmax is barely
-    normal (x / absmax ~ 0.67 otherwise). The kernel flushes per program only when such a block is in it."""
+    normal (x / absmax ~ 0.67 otherwise). The kernel flushes in its multiply (FTZ on the GPU)."""
     x = torch.randn(64 * 300) * 3
     x[64 * 200 : 64 * 201] = torch.linspace(-1.5e-38, 1.5e-38, 64)  # absmax 1.5e-38, the rest mostly subnormal
     data, absmax = kquantize.quantize_4bit(x, quant_type, 64)
@@ -90,6 +90,21 @@ def test_double_quantize_many_nested_blocks() -> None:
     codes, nested_absmax, offset = kquantize.double_quantize(absmax, format._dynamic_map(absmax.device))
     q = format.QuantizedTensor(absmax, absmax, absmax, "nf4", 64, torch.Size([1]), torch.float32)
     ref = format.double_quantize(q)
+    assert torch.equal(codes, ref.absmax) and torch.equal(nested_absmax, ref.nested_absmax)
+
+
+@pytest.mark.parametrize("programs", [1, 4, 256])
+def test_double_quantize_offset_is_the_same_for_any_split_of_the_sum(
+    programs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the float64 partial sums, added in another order, give format's offset bit for bit (their sum is exact)
+    monkeypatch.setattr(kquantize, "_SUM_PROGRAMS", programs)
+    monkeypatch.setattr(kquantize, "_SUM_BLOCK", 64)
+    absmax = torch.rand(64 * 37 + 5) * torch.logspace(-3, 2, 64 * 37 + 5)
+    codes, nested_absmax, offset = kquantize.double_quantize(absmax, format._dynamic_map(absmax.device))
+    q = format.QuantizedTensor(absmax, absmax, absmax, "nf4", 64, torch.Size([1]), torch.float32)
+    ref = format.double_quantize(q)
+    assert offset.item() == ref.nested_offset
     assert torch.equal(codes, ref.absmax) and torch.equal(nested_absmax, ref.nested_absmax)
 
 
