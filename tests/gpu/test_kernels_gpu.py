@@ -46,6 +46,38 @@ def test_quantize_equals_bitsandbytes_cuda() -> None:
         assert torch.equal(q.absmax, state.absmax) and torch.equal(q.nested_absmax, state.state2.absmax)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "int4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_is_exact_at_thresholds_and_bucket_edges(quant_type: str, dtype: torch.dtype) -> None:
+    # values within 3 ulps of every threshold and of the encoder's bucket edges, in blocks whose absmax is +-1
+    # (so y = x, and y = -1 exactly), an all-zero block, subnormals, at storage offsets 0-2 and odd lengths (a
+    # partial last block), against the torch reference on the GPU
+    cpu = torch.device("cpu")
+    points = [torch.arange(33, dtype=torch.float32) / 16 - 1, torch.tensor([0.5, 0.0, 1e-30, 1e-39])]
+    if quant_type != "fp4":
+        points.append(nf4.format._thresholds(quant_type, cpu))
+    probe, up, down = [torch.cat(points)], torch.cat(points), torch.cat(points)
+    for _ in range(3):
+        up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(-2.0))
+        probe += [up, down, -up]
+    probe = torch.cat(probe)
+    rest = torch.zeros(-(-probe.numel() // 63) * 63)
+    rest[: probe.numel()] = probe
+    blocks = rest.view(-1, 63)
+    ones = torch.ones(blocks.shape[0], 1)
+    ones[::2] = -1
+    x = torch.cat([torch.cat([ones, blocks], dim=1).flatten(), torch.zeros(64), torch.randn(64 * 40) * 1e3])
+    for offset in (0, 1, 2):
+        buffer = torch.zeros(x.numel() + 8, device="cuda", dtype=dtype)
+        buffer[offset : offset + x.numel()] = x.to(dtype)
+        xs = buffer[offset : offset + x.numel() + 2 * offset + 1]
+        _poison()
+        ours = ops.quantize(xs, quant_type, 64)
+        ref = nf4.quantize(xs, quant_type, 64)
+        assert torch.equal(ours.data, ref.data) and torch.equal(ours.absmax, ref.absmax)
+        assert torch.equal(ours.nested_absmax, ref.nested_absmax) and ours.nested_offset == ref.nested_offset
+
+
 def test_quantize_rejects_nan() -> None:
     x = torch.randn(4096, device="cuda")
     x[100] = float("nan")
