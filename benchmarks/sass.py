@@ -68,9 +68,10 @@ def _quantize(x: str, fp4: bool) -> tuple:
 
 
 def _double_quantize() -> tuple:
-    ptrs = dict(absmax_ptr=_FP32, sums_ptr="*fp64", dyn_ptr=_FP32, rcp_delta_ptr="*i32", codes_ptr="*u8",
+    ptrs = dict(absmax_ptr=_FP32, sums_ptr="*fp64", table_ptr="*i64", rcp_delta_ptr="*i32", codes_ptr="*u8",
                 nested_absmax_ptr=_FP32, offset_ptr=_FP32)  # fmt: skip
-    consts = dict(G=quantize._SUM_PROGRAMS, NBN=quantize._NESTED_PER_PROGRAM)
+    consts = dict(G=quantize._SUM_PROGRAMS, NBN=quantize._NESTED_PER_PROGRAM, KEY_MIN=quantize._DQ_KEY_MIN,
+                  SIDE=quantize._DQ_SIDE)  # fmt: skip
     return quantize._double_quantize_kernel, ptrs, consts, 4, 3
 
 

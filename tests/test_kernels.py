@@ -13,6 +13,9 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="run as: TRITON_INTERPRET=1 pytest tests/test_kernels.py"
 )
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from nf4 import format  # noqa: E402
 from nf4.kernels import common  # noqa: E402
 from nf4.kernels import dequantize as kdequantize  # noqa: E402
@@ -39,7 +42,7 @@ def test_quantize_and_dequantize_equal_reference(quant_type: str, blocksize: int
     data, absmax = kquantize.quantize_4bit(x, quant_type, blocksize)
     ref = format.quantize(x, quant_type, blocksize, double_quant=False)
     assert torch.equal(data, ref.data) and torch.equal(absmax, ref.absmax)
-    codes, nested_absmax, offset = kquantize.double_quantize(absmax, format._dynamic_map(absmax.device))
+    codes, nested_absmax, offset = kquantize.double_quantize(absmax)
     ref_dq = format.double_quantize(ref)
     assert torch.equal(codes, ref_dq.absmax) and torch.equal(nested_absmax, ref_dq.nested_absmax)
     assert offset.item() == ref_dq.nested_offset
@@ -87,10 +90,35 @@ def test_quantize_lookup_is_exact_at_thresholds_and_bucket_edges(quant_type: str
 
 def test_double_quantize_many_nested_blocks() -> None:
     absmax = torch.rand(256 * 3 + 5) * 4
-    codes, nested_absmax, offset = kquantize.double_quantize(absmax, format._dynamic_map(absmax.device))
+    codes, nested_absmax, offset = kquantize.double_quantize(absmax)
     q = format.QuantizedTensor(absmax, absmax, absmax, "nf4", 64, torch.Size([1]), torch.float32)
     ref = format.double_quantize(q)
     assert torch.equal(codes, ref.absmax) and torch.equal(nested_absmax, ref.nested_absmax)
+
+
+@triton.jit
+def _encode_8bit_probe(y_ptr, table_ptr, out_ptr, n, KEY_MIN: tl.constexpr, SIDE: tl.constexpr):
+    i = tl.program_id(0) * 1024 + tl.arange(0, 1024)
+    y = tl.load(y_ptr + i, mask=i < n, other=0.0)
+    tl.store(out_ptr + i, kquantize._encode_8bit(y, table_ptr, KEY_MIN, SIDE), mask=i < n)
+
+
+def test_encode_8bit_lookup_is_exact_at_its_steps_and_bucket_edges() -> None:
+    # within 3 ulps of every step of the reference encoder (each map midpoint) and every bucket edge, both signs,
+    # and 0, +-1, tiny values and NaN: the lookup equals format's binary search
+    dyn = format._dynamic_map(torch.device("cpu"))
+    steps = (dyn[1:] + dyn[:-1]) / 2
+    keys = torch.arange(kquantize._DQ_KEY_MIN, 128 << 6, dtype=torch.int64)
+    edges = (keys << 17).to(torch.int32).view(torch.float32)
+    points = torch.cat([steps, edges, -edges, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 2.75e-7])])
+    y = _ulps_around(points)
+    y = torch.cat([y, torch.tensor([float("nan")])])
+    out = torch.empty(y.numel(), dtype=torch.int32)
+    table = kquantize._dq_table(y.device)
+    _encode_8bit_probe[(triton.cdiv(y.numel(), 1024),)](
+        y, table, out, y.numel(), KEY_MIN=kquantize._DQ_KEY_MIN, SIDE=kquantize._DQ_SIDE
+    )
+    assert torch.equal(out, format._encode_8bit(y, dyn).to(torch.int32))
 
 
 @pytest.mark.parametrize("programs", [1, 4, 256])
@@ -101,7 +129,7 @@ def test_double_quantize_offset_is_the_same_for_any_split_of_the_sum(
     monkeypatch.setattr(kquantize, "_SUM_PROGRAMS", programs)
     monkeypatch.setattr(kquantize, "_SUM_BLOCK", 64)
     absmax = torch.rand(64 * 37 + 5) * torch.logspace(-3, 2, 64 * 37 + 5)
-    codes, nested_absmax, offset = kquantize.double_quantize(absmax, format._dynamic_map(absmax.device))
+    codes, nested_absmax, offset = kquantize.double_quantize(absmax)
     q = format.QuantizedTensor(absmax, absmax, absmax, "nf4", 64, torch.Size([1]), torch.float32)
     ref = format.double_quantize(q)
     assert offset.item() == ref.nested_offset

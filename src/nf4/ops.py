@@ -98,7 +98,7 @@ def _quantize_op(
         data, absmax = _kquantize.quantize_4bit(tensor.contiguous(), quant_type, blocksize)
         if not double_quant:
             return data, absmax, absmax.new_empty(0), absmax.new_empty(0)
-        codes, nested_absmax, offset = _kquantize.double_quantize(absmax, format._dynamic_map(tensor.device))
+        codes, nested_absmax, offset = _kquantize.double_quantize(absmax)
         return data, codes, nested_absmax, offset
     q = format.quantize(tensor, quant_type, blocksize, double_quant)
     if not double_quant:
