@@ -160,8 +160,8 @@ def _absmax_sums_kernel(absmax_ptr, sums_ptr, nblocks, chunk, BLOCK: tl.constexp
     tl.store(sums_ptr + tl.program_id(0), tl.sum(total))
 
 
-# A program takes NBN nested blocks of 256 absmax values (more elements a thread, to overlap the encoder's chain of
-# dependent table loads):
+# A program takes NBN nested blocks of 256 absmax values (each program adds the G sums: more blocks a program
+# amortize that):
 #   offset = fp32(sum(sums) / nblocks) (stored by program 0)
 #   c = flush(absmax - offset) (0 past the end);  nested_absmax = max |c| over the block
 #   code = encode_8bit(flush(c * rcp(nested_absmax)))
@@ -245,10 +245,11 @@ def _dq_table(device: torch.device) -> torch.Tensor:
             c_lo, c_hi = code(lo), code(hi)
             steps = (c_hi - c_lo).abs()
             assert bool((steps <= 1).all()), "an 8-bit encoder bucket holds two steps"
-            for _ in range(18):  # a bucket spans 2**17 values: lo keeps c_lo's code, hi the other
+            for _ in range(18):  # buckets with a step span 2**17 values: lo keeps c_lo's code, hi the other
                 mid = (lo + hi) // 2
                 keep = (hi - lo > 1) & (code(mid) == c_lo)
                 lo, hi = torch.where(keep, mid, lo), torch.where((hi - lo > 1) & ~keep, mid, hi)
+            assert bool(((hi - lo == 1) | (steps == 0)).all()), "a step left unbisected (bucket 0 holds one)"
             # y > first: positive, past magnitude lo (c_lo's last); negative, above -hi (c_hi's first)
             first = lo.to(torch.int32).view(torch.float32) if sign > 0 else -hi.to(torch.int32).view(torch.float32)
             first = torch.where(steps == 0, math.inf, first)
