@@ -50,6 +50,14 @@ _NESTED_PER_PROGRAM = 4
 # round(v), v = max(y * BUCKETS + BUCKETS - 0.5, -0.5) (NaN to -0.5; y = 1 gives 2*BUCKETS, an entry that
 # repeats the last bucket's), read off the bits of v + 1.5 * 2**23: no float->int conversion, which issues at a
 # quarter of the FMA rate. fp4 counts its 7 magnitude thresholds.
+# The code of y from its bucket's 64-bit table entry (both encoders' tables, made by _pack_entries): below in the
+# low word, first's fp32 bits in the high word; code = below + (y > first).
+@triton.jit
+def _entry_code(y, entry):
+    first = (entry >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return entry.to(tl.int32) + (y > first).to(tl.int32)
+
+
 @triton.jit
 def _encode(y, tables_ptr, NTHRESHOLDS: tl.constexpr, SIGN_MAGNITUDE: tl.constexpr, BUCKETS: tl.constexpr):
     if SIGN_MAGNITUDE:
@@ -63,9 +71,7 @@ def _encode(y, tables_ptr, NTHRESHOLDS: tl.constexpr, SIGN_MAGNITUDE: tl.constex
         v = tl.maximum(y * BUCKETS + (BUCKETS - 0.5), -0.5)  # max(NaN, -0.5) = -0.5
         b = (v + 12582912.0).to(tl.int32, bitcast=True) & (NE - 1)  # round(v): floor(y * B + B), or one below
         entries = tl.load(tables_ptr + tl.arange(0, NE))  # int64; one off at an exact edge
-        entry = tl.reshape(tl.gather(entries, tl.reshape(b, (y.numel,)), 0), y.shape)
-        first = (entry >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        code = entry.to(tl.int32) + (y > first).to(tl.int32)
+        code = _entry_code(y, tl.reshape(tl.gather(entries, tl.reshape(b, (y.numel,)), 0), y.shape))
     return code
 
 
@@ -142,9 +148,7 @@ def _encode_8bit(y, table_ptr, KEY_MIN: tl.constexpr, SIDE: tl.constexpr):
     bits = y.to(tl.int32, bitcast=True)
     key = ((bits & 0x7FFFFFFF) >> 17) - (KEY_MIN - 1)
     b = tl.minimum(tl.maximum(key, 0), SIDE - 1) + tl.where(bits < 0, SIDE, 0)
-    entry = tl.load(table_ptr + b)
-    first = (entry >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    return entry.to(tl.int32) + (y > first).to(tl.int32)
+    return _entry_code(y, tl.load(table_ptr + b))
 
 
 # The mean of absmax in two steps, each in a fixed order (so the offset is the same every run): program g adds
@@ -190,18 +194,24 @@ _WINDOW = 2.0**-20
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
+def _pack_entries(below: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """int64 table entries (read by _entry_code): below (int, >= 0) | first's fp32 bits << 32."""
+    return first.to(torch.float32).view(torch.int32).to(torch.int64) << 32 | below.to(torch.int64)
+
+
 def _bucket_tables(thresholds: list[float]) -> torch.Tensor:
-    """int64 [4*_BUCKETS]: below | first's fp32 bits << 32 of every bucket, the last one repeated (see _encode)."""
+    """int64 [4*_BUCKETS]: the entry of every bucket, then copies of the last one (see _encode)."""
     nb = 2 * _BUCKETS
-    entries = torch.zeros(2 * nb, dtype=torch.int64)
+    below, first = [], []
     for b in range(nb):
         lo = -math.inf if b == 0 else b / _BUCKETS - 1 - _WINDOW
         hi = math.inf if b == nb - 1 else (b + 1) / _BUCKETS - 1 + _WINDOW
         ts = [t for t in thresholds if lo <= t < hi]  # float64 comparisons of the exact fp32 thresholds
         assert len(ts) <= 1, (b, ts)
-        first = torch.tensor(ts[0] if ts else math.inf, dtype=torch.float32).view(torch.int32).item()
-        entries[b:] = first << 32 | sum(t < lo for t in thresholds)  # first: signed int32 bits
-    return entries
+        below.append(sum(t < lo for t in thresholds))
+        first.append(ts[0] if ts else math.inf)
+    entries = _pack_entries(torch.tensor(below), torch.tensor(first, dtype=torch.float64))
+    return torch.cat([entries, entries[-1:].expand(nb)])
 
 
 def _tables(quant_type: str, device: torch.device) -> torch.Tensor:
@@ -235,7 +245,7 @@ def _dq_table(device: torch.device) -> torch.Tensor:
         start = torch.where(i == 0, 0, (_DQ_KEY_MIN + i - 1) << 17)
         end = (_DQ_KEY_MIN + i) << 17  # exclusive
         start, end = start[end <= 128 << 23], end[end <= 128 << 23]  # |y| < 2
-        entries = torch.full((2 * _DQ_SIDE,), _float_bits(math.inf) << 32, dtype=torch.int64)  # past 2: code 0
+        entries = _pack_entries(torch.zeros(2 * _DQ_SIDE), torch.full((2 * _DQ_SIDE,), math.inf))  # past 2: code 0
         for half, sign in enumerate((1.0, -1.0)):
 
             def code(m: torch.Tensor, sign: float = sign) -> torch.Tensor:
@@ -254,15 +264,9 @@ def _dq_table(device: torch.device) -> torch.Tensor:
             first = lo.to(torch.int32).view(torch.float32) if sign > 0 else -hi.to(torch.int32).view(torch.float32)
             first = torch.where(steps == 0, math.inf, first)
             below = torch.minimum(c_lo, c_hi)
-            entries[half * _DQ_SIDE : half * _DQ_SIDE + below.numel()] = (
-                first.view(torch.int32).to(torch.int64) << 32 | below
-            )
+            entries[half * _DQ_SIDE : half * _DQ_SIDE + below.numel()] = _pack_entries(below, first)
         _DQ_TABLES[device] = entries.to(device)
     return _DQ_TABLES[device]
-
-
-def _float_bits(value: float) -> int:
-    return torch.tensor(value, dtype=torch.float32).view(torch.int32).item()
 
 
 def _rcp_delta(device: torch.device) -> torch.Tensor:
