@@ -25,7 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from nf4.kernels import common, dequantize, gemv, mma, quantize  # noqa: E402
+from nf4.kernels import common, dequantize, gemv, gemv_tc, mma, quantize  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _FP32 = "*fp32"
@@ -42,8 +42,16 @@ def _gemv(out: str, kind: int, m: int, split_k: int, double_quant: bool, bias: b
     ptrs = dict(x_ptr="*i32", data_ptr="*i32", bias_ptr=out, out_ptr=out, **_scales(double_quant),
                 partial_ptr=_FP32 if split_k > 1 else out, counter_ptr="*i32" if split_k > 1 else out)  # fmt: skip
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, HAS_BIAS=bias, X_KIND=kind, BLOCK_M=m, BLOCK_N=32, NBK=2,
-                  SPLIT_K=split_k, SUM_IN_KERNEL=True, PREFETCH=True)  # fmt: skip
+                  SPLIT_K=split_k, SUM_IN_KERNEL=True, PREFETCH=True, PLAIN_LOADS=False)  # fmt: skip
     return gemv._gemv_kernel, ptrs, consts, 1, 3
+
+
+def _gemv_tc(x: str, split_k: int, double_quant: bool, bias: bool) -> tuple:
+    ptrs = dict(x_ptr="*i32", data_ptr="*i32", bias_ptr=x, out_ptr=x, partial_ptr=_FP32, counter_ptr="*i32",
+                **_scales(double_quant))  # fmt: skip
+    consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, HAS_BIAS=bias, X_KIND=0 if x == "*bf16" else 1,
+                  BLOCK_N=gemv_tc.BLOCK_N, SPLIT_K=split_k)  # fmt: skip
+    return gemv_tc._gemv_tc_kernel, ptrs, consts, gemv_tc.BLOCK_N // 16, 3, {"maxnreg": gemv_tc.MAX_REGISTERS}
 
 
 def _mma(x: str, m: int, block_n: int, split_k: int, double_quant: bool) -> tuple:
@@ -90,6 +98,8 @@ BUILDS = {
     "gemv-fp16-m1-plain-bias": _gemv("*fp16", 1, 1, 1, False, True),
     "gemv-fp32-m2-split16-dq": _gemv(_FP32, 2, 2, 16, True, False),
     "gemv-fp32-m4-split16-dq": _gemv(_FP32, 2, 4, 16, True, False),
+    "gemv-tc-bf16-split7-dq": _gemv_tc("*bf16", 7, True, False),
+    "gemv-tc-fp16-plain-bias": _gemv_tc("*fp16", 1, False, True),
     "mma-bf16-m16-rows128-dq": _mma("*bf16", 16, 128, 4, True),
     "mma-fp16-m64-rows64-plain": _mma("*fp16", 64, 64, 1, False),
     "dequantize-bf16-dq": _dequantize("*bf16", True, False),
@@ -102,7 +112,9 @@ BUILDS = {
 }
 
 
-def build(kernel: triton.JITFunction, ptrs: dict, consts: dict, num_warps: int, num_stages: int) -> dict:
+def build(
+    kernel: triton.JITFunction, ptrs: dict, consts: dict, num_warps: int, num_stages: int, options: dict | None = None
+) -> dict:
     """Compile for sm_90a and read the cubin's resource usage and SASS. Pointers and integer arguments are marked
     16-divisible, as Triton specializes them on Llama-shaped weights."""
     consts = {**consts, "INTERPRETED": False} if "INTERPRETED" in kernel.arg_names else consts
@@ -118,7 +130,7 @@ def build(kernel: triton.JITFunction, ptrs: dict, consts: dict, num_warps: int, 
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs, attrs),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
+        options={"num_warps": num_warps, "num_stages": num_stages, **(options or {})},
     )
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
@@ -142,8 +154,8 @@ def main() -> None:
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(BUILDS)
     for name in names:
-        kernel, ptrs, consts, num_warps, num_stages = BUILDS[name]
-        result = build(kernel, dict(ptrs), dict(consts), num_warps, num_stages)
+        kernel, ptrs, consts, num_warps, num_stages, *options = BUILDS[name]
+        result = build(kernel, dict(ptrs), dict(consts), num_warps, num_stages, *options)
         sass = result.pop("sass")
         if args.sass:
             os.makedirs(args.sass, exist_ok=True)

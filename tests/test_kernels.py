@@ -21,6 +21,7 @@ from nf4.kernels import common  # noqa: E402
 from nf4.kernels import dequantize as kdequantize  # noqa: E402
 from nf4.kernels import gemm as kgemm  # noqa: E402
 from nf4.kernels import gemv as kgemv  # noqa: E402
+from nf4.kernels import gemv_tc as kgemv_tc  # noqa: E402
 from nf4.kernels import mma as kmma  # noqa: E402
 from nf4.kernels import quantize as kquantize  # noqa: E402
 
@@ -256,6 +257,51 @@ def test_mma_takes_half_precision_whole_blocks_only() -> None:
     x = torch.randn(2, 128, dtype=torch.bfloat16)
     assert kmma.supported(x, 128, 64) and kmma.supported(x.half(), 128, 64)
     assert not kmma.supported(x.float(), 128, 64) and not kmma.supported(x, 100, 64)
+
+
+# (n, k, blocksize, double_quant, dtype): fewer rows than a warp's 16 (rows past N masked), a partial last step
+# (K % 256), blocksizes 128 / 256 (one block over several column slots), both dtypes, double quant or not; configs:
+# one slice, and two slices on one program (its items in a row, the second slice's warps drawing the last tickets).
+GEMV_TC_CASES = [(5, 256, 64, True, torch.bfloat16), (130, 192, 64, False, torch.float16),
+                 (257, 1024, 128, True, torch.float16), (64, 512, 256, False, torch.bfloat16)]  # fmt: skip
+GEMV_TC_CONFIGS = [None, kgemv_tc.GemvTcConfig(split_k=1), kgemv_tc.GemvTcConfig(split_k=2, programs_per_sm=1)]
+
+
+@pytest.mark.parametrize("case", GEMV_TC_CASES)
+@pytest.mark.parametrize("config", GEMV_TC_CONFIGS, ids=["default", "split1", "split2-one-program"])
+def test_gemv_tc_matches_dequantize_then_fp32_matmul(case: tuple, config: kgemv_tc.GemvTcConfig | None) -> None:
+    # the interpreter runs the kernel's fragment bookkeeping (which lane holds which rows, k and block slots) with
+    # an einsum in place of the mma and a computed pair in place of the table: a wrong slot or row shows here
+    n, k, blocksize, double_quant, dtype = case
+    q = format.quantize(torch.randn(n, k), blocksize=blocksize, double_quant=double_quant)
+    x = torch.randn(1, k, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype)
+    out = kgemv_tc.gemv_tc(x, *_qargs(q), n, bias, config)
+    ref = x.float() @ format.dequantize(q, dtype).float().T + bias.float()
+    assert out.dtype == dtype and out.shape == (1, n)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < MMA_TOLERANCE[dtype]
+
+
+def test_gemv_tc_reads_x_and_codes_through_views() -> None:
+    # x at an odd element offset (the kernel loads 16 bytes of x at a time), codes starting mid-word; the split-K
+    # tickets are left at zero, so a second call gives the same bits
+    q = format.quantize(torch.randn(24, 256), double_quant=False)
+    x = torch.randn(300, dtype=torch.bfloat16)[3:259].unsqueeze(0)
+    buffer = torch.zeros(q.data.numel() + 5, dtype=torch.uint8)
+    buffer[5:] = q.data.reshape(-1)
+    data = buffer[5:].view(q.data.shape)
+    config = kgemv_tc.GemvTcConfig(split_k=1)
+    out = kgemv_tc.gemv_tc(x, data, *_qargs(q)[1:], 24, None, config)
+    ref = x.float() @ format.dequantize(q, torch.bfloat16).float().T
+    assert ((out.float() - ref).norm() / ref.norm()).item() < MMA_TOLERANCE[torch.bfloat16]
+    assert torch.equal(kgemv_tc.gemv_tc(x, data, *_qargs(q)[1:], 24, None, config), out)
+
+
+def test_gemv_tc_takes_one_half_precision_row_of_whole_64_blocks() -> None:
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    assert kgemv_tc.supported(x, 128, 64) and kgemv_tc.supported(x.half(), 128, 128)
+    assert not kgemv_tc.supported(x.float(), 128, 64) and not kgemv_tc.supported(torch.cat([x, x]), 128, 64)
+    assert not kgemv_tc.supported(x, 128, 32) and not kgemv_tc.supported(x[:, :96], 96, 32)
 
 
 @pytest.mark.parametrize("blocksize", [32, 64])

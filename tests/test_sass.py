@@ -23,7 +23,9 @@ _BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # Spill bytes a build may have. The FMA decode kernel with 4 rows of fp32 x holds 4 rows of W times 4 rows of x
 # in one thread and spills 16 bytes under Triton 3.6 and 3.9 alike; at M = 3 it still beat dequantize + cuBLAS
 # (0.205 against 0.28 ms on 28672x8192, docs/BENCHMARKS_GPU.md).
-SPILL_ALLOWED = {"gemv-fp32-m4-split16-dq": 16}
+# The tensor-core decode kernel is capped at 64 registers (4 programs of 8 warps an SM, gemv_tc.py): none spilled
+# under Triton 3.6 (the device's), 16 bytes under 3.9.
+SPILL_ALLOWED = {"gemv-fp32-m4-split16-dq": 16, "gemv-tc-bf16-split7-dq": 16, "gemv-tc-fp16-plain-bias": 16}
 
 
 @pytest.mark.skipif(not (_BIN / "ptxas").exists() or not (_BIN / "cuobjdump").exists(), reason="no CUDA tools")
@@ -37,6 +39,7 @@ def test_every_kernel_compiles_for_hopper() -> None:
     builds = {r["build"]: r for r in map(json.loads, filter(None, run.stdout.splitlines()))}
     expected = {
         "gemv-bf16-m1-split4-dq", "gemv-fp16-m1-plain-bias", "gemv-fp32-m2-split16-dq", "gemv-fp32-m4-split16-dq",
+        "gemv-tc-bf16-split7-dq", "gemv-tc-fp16-plain-bias",
         "mma-bf16-m16-rows128-dq", "mma-fp16-m64-rows64-plain", "dequantize-bf16-dq", "dequantize-fp32-plain-partial",
         "quantize-nf4-bf16", "quantize-fp4-fp32", "absmax-sums", "double-quantize", "split-k-sum",
     }  # fmt: skip

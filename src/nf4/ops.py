@@ -29,9 +29,11 @@ from nf4.format import NESTED_BLOCKSIZE, FormatError, QuantizedTensor
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
+    from nf4.kernels import common as _kcommon
     from nf4.kernels import dequantize as _kdequantize
     from nf4.kernels import gemm as _kgemm
     from nf4.kernels import gemv as _kgemv
+    from nf4.kernels import gemv_tc as _kgemv_tc
     from nf4.kernels import mma as _kmma
     from nf4.kernels import quantize as _kquantize
 
@@ -130,14 +132,18 @@ def _matmul_impl(
 
 
 def _matmul_cuda(x: torch.Tensor, qargs: tuple) -> torch.Tensor:
-    """The fastest kernel for x's rows (H200 sweeps, docs/BENCHMARKS.md): the FMA kernel for one row (fp32 x: up to
-    4), the tensor-core one for 2-64 (bf16/fp16), dequantize + cuBLAS beyond, for no rows and partial-block rows."""
+    """The fastest kernel for x's rows (H200 sweeps, docs/BENCHMARKS.md): for one row the tensor-core decode kernel
+    on the largest weights, the FMA kernel otherwise (fp32 x: up to 4 rows), the tensor-core one for 2-64 rows
+    (bf16/fp16), dequantize + cuBLAS beyond, for no rows and partial-block rows. Under torch.compile one row takes
+    the FMA kernel: the decode kernel's register cap (a launch option) is not one that dynamo passes through."""
     m, k = x.shape
     blocksize = qargs[6]
     if m == 0 or not _kgemv.supported(k, blocksize):
         return _kgemm.gemm(x, *qargs)
     if _kmma.MIN_M <= m <= _kmma.MAX_M and _kmma.supported(x, k, blocksize):
         return _kmma.mma(x, *qargs)
+    if _kgemv_tc.supported(x, k, blocksize) and qargs[7] * k >= _kgemv_tc.MIN_PARAMS and not _kcommon.tracing():
+        return _kgemv_tc.gemv_tc(x, *qargs)
     if m <= _kgemv.MAX_M:
         return _kgemv.gemv(x, *qargs)
     return _kgemm.gemm(x, *qargs)

@@ -111,11 +111,19 @@ def test_matmul_input_gradient() -> None:
     assert rel < 1e-2
 
 
-def test_compile_fullgraph() -> None:
-    q = ops.quantize(torch.randn(256, 128, device="cuda"))
-    x = torch.randn(4, 128, device="cuda", dtype=torch.bfloat16)
-    compiled = torch.compile(lambda x: ops.matmul(x, q), fullgraph=True)
-    torch.testing.assert_close(compiled(x), ops.matmul(x, q))
+@pytest.mark.parametrize("mnk", [(1, 256, 128), (4, 256, 128), (1, 1024, 4096), (1, 8192, 8192)])
+def test_compile_fullgraph(mnk: tuple) -> None:
+    # M = 1: the FMA kernel with x by plain loads (torch.compile's write analysis rejects inline PTX that takes a
+    # pointer), split-K with fresh counters after eager calls made the cached ones (a real tensor in a fake trace
+    # failed), and on a weight eager mode sends to the tensor-core decode kernel
+    m, n, k = mnk
+    q = ops.quantize(torch.randn(n, k, device="cuda"))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    eager = ops.matmul(x, q)
+    compiled = torch.compile(lambda x: ops.matmul(x, q), fullgraph=True)(x)
+    ref = x.double() @ ops.dequantize(q, torch.bfloat16).double().T
+    assert ((compiled.double() - ref).norm() / ref.norm()).item() < 4e-3
+    assert ((compiled.double() - eager.double()).norm() / ref.norm()).item() < 4e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -264,3 +272,51 @@ def test_mma_small_batches(quant_type: str, dtype: torch.dtype, double_quant: bo
     ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
     rel = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.dtype == dtype and out.shape == (m, n) and rel < 4e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "case",
+    [(28672, 8192, 64, "nf4", True), (8192, 28672, 64, "nf4", False), (4097, 4160, 64, "fp4", True),
+     (11, 14336, 128, "int4", False), (1000, 4096, 256, "nf4", True)],
+)  # fmt: skip
+@pytest.mark.parametrize("config", [None, (1, 4), (3, 1), (32, 2)], ids=["default", "split1", "split3-1sm", "split32"])
+def test_gemv_tc_sizes_and_configs(dtype: torch.dtype, case: tuple, config: tuple | None) -> None:
+    # the tensor-core decode kernel (inline PTX: the shared-memory table, the mma fragments, the tickets) on the
+    # 70B projections, a partial last step (K = 4160) and odd N, fewer rows than a warp's 16, blocksizes 128 / 256,
+    # each level table; one slice, 3 slices on one program an SM (many items a program), 32 slices
+    from nf4.kernels import gemv_tc as kgemv_tc
+
+    n, k, blocksize, quant_type, double_quant = case
+    q = ops.quantize(torch.randn(n, k, device="cuda"), quant_type, blocksize, double_quant)
+    offset = torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda") if double_quant else None
+    qargs = (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, blocksize)
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    _poison()
+    out = kgemv_tc.gemv_tc(x, *qargs, n, bias, config and kgemv_tc.GemvTcConfig(*config))
+    ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.dtype == dtype and out.shape == (1, n) and rel < 4e-3
+    again = kgemv_tc.gemv_tc(x, *qargs, n, bias, config and kgemv_tc.GemvTcConfig(*config))
+    assert torch.equal(again, out)  # the tickets were left at zero; the slices summed in the same order
+
+
+def test_matmul_sends_one_row_of_a_large_weight_to_the_tensor_core_decode() -> None:
+    # ops' choice at M = 1 (weights of at least MIN_PARAMS), in eager mode and in a CUDA graph (compiled, the FMA
+    # kernel: test_compile_fullgraph)
+    from nf4.kernels import gemv_tc as kgemv_tc
+
+    n, k = 8192, kgemv_tc.MIN_PARAMS // 8192
+    q = ops.quantize(torch.randn(n, k, device="cuda"))
+    offset = torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda")
+    qargs = (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, 64)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    want = kgemv_tc.gemv_tc(x, *qargs, n, None)
+    assert torch.equal(ops.matmul(x, q), want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.matmul(x, q)
+    _poison()
+    graph.replay()
+    assert torch.equal(out, want)

@@ -165,10 +165,16 @@ _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 _OUTGROWN: list[torch.Tensor] = []
 
 
+def tracing() -> bool:
+    """Under torch.compile: dynamo tracing the caller, or Inductor running an op's implementation on fake tensors
+    (where ``is_compiling()`` is False). No kernel runs then, and no cached device tensor may enter the graph."""
+    return torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """int32 zeros, at least ``tiles`` of them, that split-K kernels return to zero. Traced by torch.compile, a
     fresh zeroed tensor: a compiled graph holds no state of its own."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return torch.zeros(tiles, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     counters = _COUNTERS.get((device, stream))

@@ -37,15 +37,17 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import launch, load_absmax, store_tile
+from nf4.kernels.common import interpreted, launch, load_absmax, store_tile, tracing
 
 
 # Each code word's 8 elements of x come in one 16-byte load (two for fp32 x): x is passed as int32 words, and the
 # 4 scalar loads Triton emits for 4 words become one (H200, M = 1: 3% faster on 8192x28672, within 2% elsewhere).
+# PLAIN: four tl.loads instead, under the interpreter (no inline PTX) and under torch.compile, whose analysis of a
+# kernel's writes rejects inline PTX that takes a pointer.
 @triton.jit
-def _load16(ptr, mask, INTERPRETED: tl.constexpr):
-    """The 4 int32 words at ptr (16-byte aligned), 0 where masked. Interpreted (no inline PTX), four loads."""
-    if INTERPRETED:
+def _load16(ptr, mask, PLAIN: tl.constexpr):
+    """The 4 int32 words at ptr (16-byte aligned), 0 where masked."""
+    if PLAIN:
         w0 = tl.load(ptr, mask=mask, other=0)
         w1 = tl.load(ptr + 1, mask=mask, other=0)
         w2 = tl.load(ptr + 2, mask=mask, other=0)
@@ -79,17 +81,17 @@ def _pair(word, X_KIND: tl.constexpr):
 # x[8w .. 8w + 7] in fp32 for code words w (x_ptr: the row's int32 words), ordered as _word_products takes them:
 # (x[2j], x[2j + 1]) for byte v of the word, j = 4w + v.
 @triton.jit
-def _x_step(x_ptr, word, mask, X_KIND: tl.constexpr, INTERPRETED: tl.constexpr):
+def _x_step(x_ptr, word, mask, X_KIND: tl.constexpr, PLAIN_LOADS: tl.constexpr):
     if X_KIND == 2:  # fp32: a word is an element
-        e0, o0, e1, o1 = _load16(x_ptr + 8 * word, mask, INTERPRETED)
-        e2, o2, e3, o3 = _load16(x_ptr + 8 * word + 4, mask, INTERPRETED)
+        e0, o0, e1, o1 = _load16(x_ptr + 8 * word, mask, PLAIN_LOADS)
+        e2, o2, e3, o3 = _load16(x_ptr + 8 * word + 4, mask, PLAIN_LOADS)
         f32: tl.constexpr = tl.float32
         xe0, xo0 = e0.to(f32, bitcast=True), o0.to(f32, bitcast=True)
         xe1, xo1 = e1.to(f32, bitcast=True), o1.to(f32, bitcast=True)
         xe2, xo2 = e2.to(f32, bitcast=True), o2.to(f32, bitcast=True)
         xe3, xo3 = e3.to(f32, bitcast=True), o3.to(f32, bitcast=True)
     else:
-        w0, w1, w2, w3 = _load16(x_ptr + 4 * word, mask, INTERPRETED)
+        w0, w1, w2, w3 = _load16(x_ptr + 4 * word, mask, PLAIN_LOADS)
         xe0, xo0 = _pair(w0, X_KIND)
         xe1, xo1 = _pair(w1, X_KIND)
         xe2, xo2 = _pair(w2, X_KIND)
@@ -165,6 +167,7 @@ def _gemv_kernel(
     SPLIT_K: tl.constexpr,
     SUM_IN_KERNEL: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PLAIN_LOADS: tl.constexpr,  # x by tl.load (interpreter, torch.compile), not inline PTX (_load16)
     INTERPRETED: tl.constexpr,
 ):
     HW: tl.constexpr = BLOCKSIZE // 8  # code words a block
@@ -218,7 +221,7 @@ def _gemv_kernel(
         for m in tl.static_range(BLOCK_M):
             x_row = x_ptr + m * stride_x
             x_mask = in_row if BLOCK_M == 1 else in_row & (word * 0 + m < M)
-            xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = _x_step(x_row, word, x_mask, X_KIND, INTERPRETED)
+            xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = _x_step(x_row, word, x_mask, X_KIND, PLAIN_LOADS)
             block_sum = tl.sum(_word_products(levels, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3), axis=2)
             if BLOCK_M == 1:
                 acc += block_sum * absmax
@@ -314,5 +317,5 @@ def gemv(
     return launch(
         _gemv_kernel, x.view(torch.int32), x.dtype, k, qargs, n, bias, config.block_n, config.split_k,
         config.num_warps, True, X_KIND=_X_KIND[x.dtype], BLOCK_M=triton.next_power_of_2(m), NBK=config.nbk,
-        PREFETCH=config.prefetch,
+        PREFETCH=config.prefetch, PLAIN_LOADS=interpreted() or tracing(),
     )  # fmt: skip
