@@ -73,6 +73,7 @@ def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     row: dict = dict(shape=name, M=m, bf16_ms=round(ks.graph_ms([lambda w=w: x @ w.T for w in ws]), 4))
     for v in variants:
+        saved = {attr: getattr(v.module, attr) for attr in v.attrs}  # restored below: variants share modules
         for attr, value in v.attrs.items():
             setattr(v.module, attr, value)
         default = v.module.default_config(n, k, 64) if fn == "gemv" else v.module.default_config(n, k, 64, m)
@@ -92,6 +93,8 @@ def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
                                 bit_equal=torch.equal(out, ops.matmul(fresh, qs[0])))  # fmt: skip
         except Exception as e:  # noqa: BLE001 - a variant that fails to build or run is a result too
             row[v.label] = repr(e)[:300]
+        for attr, value in saved.items():
+            setattr(v.module, attr, value)
     row["kernels"] = {v.label: _registers(v.module, fn) for v in variants}
     return row
 
