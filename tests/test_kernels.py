@@ -197,6 +197,20 @@ def test_split_k_leaves_its_tile_counters_at_zero() -> None:
     assert not common.tile_counters(x.device, 5).any()
 
 
+def test_tracing_sees_fake_tensors_and_gives_fresh_counters() -> None:
+    # torch.compile's Inductor runs an op's implementation on fake tensors with is_compiling() False: there the
+    # split-K counters must be a fresh traced tensor, not the cached real one (which failed a compiled GPU decode)
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    cached = common.tile_counters(torch.device("cpu"), 5)
+    assert not common.tracing()
+    with FakeTensorMode():
+        assert common.tracing()
+        traced = common.tile_counters(torch.device("cpu"), 5)
+    assert isinstance(traced, FakeTensor) and traced is not cached
+    assert common.tile_counters(torch.device("cpu"), 5) is cached
+
+
 def test_gemv_reads_codes_at_any_byte_offset() -> None:
     # the kernel reads codes as int32 words: codes that start mid-word (a view into a larger buffer) still work
     q = format.quantize(torch.randn(8, 128), double_quant=False)
