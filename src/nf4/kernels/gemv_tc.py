@@ -36,6 +36,7 @@ over the warp's fragments (same operands, fp32 sums).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -410,6 +411,7 @@ def _programs(device: torch.device, per_sm: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
 
 
+@functools.cache  # a decode step asks for the same few shapes every token (12 us of Python a call otherwise)
 def default_config(n: int, k: int, device: torch.device) -> GemvTcConfig:
     """The split of K (at most 32 slices, at least 2 steps each) whose items fill the grid in whole rounds best:
     28672x8192 gets 7 slices (1568 items, 3 rounds of 528 programs); a larger split only when it is 2% better."""
