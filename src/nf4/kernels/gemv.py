@@ -43,9 +43,9 @@ from nf4.kernels.common import interpreted, launch, load_absmax, store_tile, tra
 # Each code word's 8 elements of x come in one 16-byte load (two for fp32 x): x is passed as int32 words, and the
 # 4 scalar loads Triton emits for 4 words become one (H200, M = 1: 3% faster on 8192x28672, within 2% elsewhere).
 # PLAIN: four tl.loads instead, under the interpreter (no inline PTX) and under torch.compile, whose analysis of a
-# kernel's writes rejects inline PTX that takes a pointer.
+# kernel's writes rejects inline PTX that takes a pointer. STREAM: data read once (gemv_tc's codes), not kept in L1.
 @triton.jit
-def _load16(ptr, mask, PLAIN: tl.constexpr):
+def _load16(ptr, mask, PLAIN: tl.constexpr, STREAM: tl.constexpr = False):
     """The 4 int32 words at ptr (16-byte aligned), 0 where masked."""
     if PLAIN:
         w0 = tl.load(ptr, mask=mask, other=0)
@@ -53,10 +53,13 @@ def _load16(ptr, mask, PLAIN: tl.constexpr):
         w2 = tl.load(ptr + 2, mask=mask, other=0)
         w3 = tl.load(ptr + 3, mask=mask, other=0)
     else:
+        if STREAM:
+            load: tl.constexpr = " @p ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4]; }"
+        else:
+            load: tl.constexpr = " @p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4]; }"
         w0, w1, w2, w3 = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;"
-            " @p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4]; }",
-            "=r,=r,=r,=r,l,r", [ptr, mask.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            + load, "=r,=r,=r,=r,l,r", [ptr, mask.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
             is_pure=True, pack=1,
         )  # fmt: skip
     return w0, w1, w2, w3

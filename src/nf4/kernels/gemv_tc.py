@@ -229,36 +229,20 @@ def _quarter(qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, x_ptr, xm, lane8, base, qua
 
 
 # The 4 code words of each quarter of step s for rows a and a + 8 (pa: the lane's first word of row a; rows past
-# N are masked); live: a per-lane tensor (the interpreter rejects a mask made with a scalar condition).
+# N are masked; read once, so not kept in L1); live: a per-lane tensor (the interpreter rejects a mask made with a
+# scalar condition).
 @triton.jit
 def _step_codes(pa, s, t, wpr, live_a, live_b, INTERPRETED: tl.constexpr):
     pb = pa + 8 * wpr
     in0 = s * 32 + 4 * t < wpr
     in1 = s * 32 + 16 + 4 * t < wpr
-    a0, a1, a2, a3 = _codes16(pa + s * 32, in0 & live_a, INTERPRETED)
-    b0, b1, b2, b3 = _codes16(pb + s * 32, in0 & live_b, INTERPRETED)
-    c0, c1, c2, c3 = _codes16(pa + s * 32 + 16, in1 & live_a, INTERPRETED)
-    d0, d1, d2, d3 = _codes16(pb + s * 32 + 16, in1 & live_b, INTERPRETED)
+    a0, a1, a2, a3 = _load16(pa + s * 32, in0 & live_a, INTERPRETED, True)
+    b0, b1, b2, b3 = _load16(pb + s * 32, in0 & live_b, INTERPRETED, True)
+    c0, c1, c2, c3 = _load16(pa + s * 32 + 16, in1 & live_a, INTERPRETED, True)
+    d0, d1, d2, d3 = _load16(pb + s * 32 + 16, in1 & live_b, INTERPRETED, True)
     return a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3
 
 
-# 16 bytes of codes, read once: not kept in L1 (x and the absmax are).
-@triton.jit
-def _codes16(ptr, mask, INTERPRETED: tl.constexpr):
-    if INTERPRETED:
-        return _load16(ptr, mask, INTERPRETED)
-    else:
-        w0, w1, w2, w3 = tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;"
-            " @p ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4]; }",
-            "=r,=r,=r,=r,l,r", [ptr, mask.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-            is_pure=True, pack=1,
-        )  # fmt: skip
-        return w0, w1, w2, w3
-
-
-# Item j of a program is (row tile, K slice) = divmod-free state carried step to step: the program's items are
-# pid, pid + G, pid + 2G, ... (tile = item % n_tiles, slice = item // n_tiles), each `per` steps of 256 elements.
 @triton.jit
 def _gemv_tc_kernel(
     x_ptr, data_ptr, absmax_ptr, quant_map_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
