@@ -1,8 +1,8 @@
 """Compile nf4's Triton kernels for Hopper (sm_90a) on any machine, without a GPU: registers, spills, SASS.
 
 Usage: python benchmarks/sass.py [--only NAME,...] [--sass DIR]
-Prints one JSON line per build: registers a thread, spill bytes (local + stack), shared memory, SASS
-instructions. The builds are the launches the ops make on Llama-shaped weights (BUILDS below), compiled with the
+Prints one JSON line per build: registers a thread, spill bytes (local + stack), static and dynamic shared memory,
+SASS instructions. The builds are the launches the ops make on Llama-shaped weights (BUILDS below), compiled with the
 installed Triton and the ptxas / cuobjdump its wheel ships, so reading a kernel's SASS or register count costs no
 GPU time (Triton 3.6, installed with ``pip install --target DIR triton==3.6.0`` and put first on PYTHONPATH,
 gives the device's counts). tests/test_sass.py checks that every build compiles without spills. Runs with
@@ -144,7 +144,8 @@ def build(
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M)
     mix = collections.Counter(op.split(".")[0] for op in ops)
     return dict(registers=res["REG"], spill_bytes=res["LOCAL"] + res["STACK"], shared=res["SHARED"],
-                instructions=len(ops), top=dict(mix.most_common(8)), sass=sass)  # fmt: skip
+                dynamic_shared=compiled.metadata.shared, instructions=len(ops), top=dict(mix.most_common(8)),
+                sass=sass)  # fmt: skip
 
 
 def main() -> None:

@@ -47,6 +47,10 @@ def test_every_kernel_compiles_for_hopper() -> None:
     for name, r in builds.items():
         assert 0 < r["registers"] <= 255 and r["instructions"] > 0, r
         assert r["spill_bytes"] <= SPILL_ALLOWED.get(name, 0), r
+    # gemv_tc's table lives in the shared memory Triton reserves for one gather (offset 0 of global_smem): exactly
+    # its 32 KiB, so no other allocation of Triton's can overlap it
+    for name in ("gemv-tc-bf16-split7-dq", "gemv-tc-fp16-plain-bias"):
+        assert builds[name]["dynamic_shared"] == 256 * 32 * 4, builds[name]  # entries x lanes x bytes
     # the decode kernels' lookups are the inline PTX they were written as: warp shuffles, byte permutes
     assert builds["gemv-bf16-m1-split4-dq"]["top"].get("SHFL", 0) >= 128
     assert builds["mma-bf16-m16-rows128-dq"]["top"].get("PRMT", 0) >= 64
