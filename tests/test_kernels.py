@@ -275,7 +275,7 @@ def test_mma_takes_half_precision_whole_blocks_only() -> None:
 
 # (n, k, blocksize, double_quant, dtype): fewer rows than a warp's 16 (rows past N masked), a partial last step
 # (K % 256), blocksizes 128 / 256 (one block over several column slots), both dtypes, double quant or not; configs:
-# one slice, and two slices on one program (its items in a row, the second slice's warps drawing the last tickets).
+# one slice, and two slices on one program (its items in a row, their partial sums added by a second launch).
 GEMV_TC_CASES = [(5, 256, 64, True, torch.bfloat16), (130, 192, 64, False, torch.float16),
                  (257, 1024, 128, True, torch.float16), (64, 512, 256, False, torch.bfloat16)]  # fmt: skip
 GEMV_TC_CONFIGS = [None, kgemv_tc.GemvTcConfig(split_k=1), kgemv_tc.GemvTcConfig(split_k=2, programs_per_sm=1)]
@@ -297,8 +297,8 @@ def test_gemv_tc_matches_dequantize_then_fp32_matmul(case: tuple, config: kgemv_
 
 
 def test_gemv_tc_reads_x_and_codes_through_views() -> None:
-    # x at an odd element offset (the kernel loads 16 bytes of x at a time), codes starting mid-word; the split-K
-    # tickets are left at zero, so a second call gives the same bits
+    # x at an odd element offset (the kernel loads 16 bytes of x at a time), codes starting mid-word; a second
+    # call gives the same bits
     q = format.quantize(torch.randn(24, 256), double_quant=False)
     x = torch.randn(300, dtype=torch.bfloat16)[3:259].unsqueeze(0)
     buffer = torch.zeros(q.data.numel() + 5, dtype=torch.uint8)

@@ -250,9 +250,15 @@ def launch(
         **consts,
     )
     if split_k > 1 and not sum_in_kernel:
-        block = 1024
-        wrap_triton(_split_k_sum_kernel)[(triton.cdiv(m * n, block),)](
-            partial, bias if bias is not None else out, out, m * n, n, SPLIT_K=split_k, HAS_BIAS=bias is not None,
-            BLOCK=block, INTERPRETED=interpreted(), num_warps=4,
-        )  # fmt: skip
+        sum_slices(partial, bias, out)
     return out
+
+
+def sum_slices(partial: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out [M, N] = the sum of partial [SPLIT_K, M, N] over its slices in slice order (+ bias), rounded once."""
+    split_k, numel, n = partial.shape[0], out.numel(), out.shape[-1]
+    block = 1024
+    wrap_triton(_split_k_sum_kernel)[(triton.cdiv(numel, block),)](
+        partial, bias if bias is not None else out, out, numel, n, SPLIT_K=split_k, HAS_BIAS=bias is not None,
+        BLOCK=block, INTERPRETED=interpreted(), num_warps=4,
+    )  # fmt: skip

@@ -22,13 +22,14 @@ address), one shared-memory load (the pair), 1/8 of an mma.
   100 registers 0.087: at 16 warps an SM it is latency-bound, 36% of its stalls waiting on the table loads),
   each walking (row tile, K slice) items;
   the codes of the next step, across items, are in flight while a step computes. A slice's row sums go to a
-  partial buffer; each warp takes a ticket after storing, and the warp that draws a row tile's last ticket adds
-  the slices in slice order (deterministic).
+  partial buffer, which a second launch adds up in slice order (deterministic). Summing in the kernel instead (a
+  ticket per warp, the last to draw adds the slices) took 15% longer on 28672x8192: the ticket's fences wait for
+  the next item's codes in flight and stalled a warp at each item's end.
 
-H200, one process, CUDA graphs (docs/BENCHMARKS_GPU.md, twelfth session): 28672x8192 0.0688 ms against 0.0731 for
-gemv.py, 8192x28672 0.0559 against 0.0714, 8192x8192 0.0222 against 0.0265; on the 8B shapes -4% to +5%, and 31%
-slower on 1024x4096. ops sends M = 1 here for weights of at least MIN_PARAMS and not under torch.compile (dynamo
-does not pass the register cap, a launch option, through).
+H200, one process, CUDA graphs (docs/BENCHMARKS_GPU.md, thirteenth session): 28672x8192 0.0588 ms against 0.0730
+for gemv.py, 8192x28672 0.0548 against 0.0713, 8192x8192 0.0216 against 0.0267, 14336x4096 0.0213 against 0.0229;
+within 1% on 4096x14336, slower on 4096x4096 (5%) and 1024x4096 (35%). ops sends M = 1 here for weights of at least
+MIN_PARAMS and not under torch.compile (dynamo does not pass the register cap, a launch option, through).
 
 Under the interpreter the table lookup is a load of the pair computed from ``quant_map`` and the mma is an einsum
 over the warp's fragments (same operands, fp32 sums).
@@ -44,7 +45,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from nf4.kernels.common import interpreted, round_to, tile_counters
+from nf4.kernels.common import interpreted, round_to, sum_slices
 from nf4.kernels.common import load_absmax as _absmax
 from nf4.kernels.gemv import _load16
 
@@ -53,10 +54,9 @@ from nf4.kernels.gemv import _load16
 BLOCK_N = 128
 PROGRAMS_PER_SM = 4
 MAX_REGISTERS = 64
-# Weights from which ops sends M = 1 here: the 70B projections (8192x8192 and up: 16-22% faster than gemv.py, 6%
-# on 28672x8192); the 8B ones (58.7M parameters and less) stay on gemv.py (within 5% of this kernel there, 31%
-# faster on 1024x4096).
-MIN_PARAMS = 1 << 26
+# Weights from which ops sends M = 1 here: the 70B projections and the 8B MLPs (7-24% faster than gemv.py, 1% on
+# 4096x14336); 4096x4096 and smaller stay on gemv.py.
+MIN_PARAMS = 1 << 25
 _TABLE_WORDS = tl.constexpr(8192)  # 256 entries x 32 lanes
 
 
@@ -161,18 +161,6 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW: tl.constexpr, X_KIND: tl.co
     return d0, d1, d2, d3
 
 
-# v of the warp's lane 0, in every lane.
-@triton.jit
-def _from_lane0(v, NW: tl.constexpr, INTERPRETED: tl.constexpr):
-    if INTERPRETED:
-        rows = tl.reshape(v, (NW, 32))
-        first = tl.sum(tl.where(tl.arange(0, 32)[None, :] == 0, rows, 0), axis=1)
-        return tl.reshape(tl.broadcast_to(first[:, None], (NW, 32)), (NW * 32,))
-    else:
-        return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, 0, 0x1f, 0xffffffff;", "=r,r", [v],
-                                         dtype=v.dtype, is_pure=True, pack=1)  # fmt: skip
-
-
 # v + v of lane ^ 1, then + that of lane ^ 2: the sum over a row's 4 lanes (t), in each of them.
 @triton.jit
 def _sum_over_t(v, NW: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -184,17 +172,6 @@ def _sum_over_t(v, NW: tl.constexpr, INTERPRETED: tl.constexpr):
                                        dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
         return v + tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;", "=r,r", [v],
                                              dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
-
-
-# The warp's lanes wait for each other, their earlier writes made visible to the GPU first (before a ticket, after
-# one); v passes through so that the caller can order later work after it.
-@triton.jit
-def _warp_fence(v, INTERPRETED: tl.constexpr):
-    if INTERPRETED:
-        return v
-    else:
-        return tl.inline_asm_elementwise("fence.acq_rel.gpu; bar.warp.sync 0xffffffff; mov.b32 $0, $1;", "=r,r",
-                                         [v], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 # A quarter step: 16 bytes of row a and of row b a lane (4 code words each; a warp: 16 rows x 128 elements) and
@@ -246,7 +223,7 @@ def _step_codes(pa, s, t, wpr, live_a, live_b, INTERPRETED: tl.constexpr):
 @triton.jit
 def _gemv_tc_kernel(
     x_ptr, data_ptr, absmax_ptr, quant_map_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
-    bias_ptr, out_ptr, partial_ptr, counter_ptr, N, K, per,
+    bias_ptr, out_ptr, partial_ptr, N, K, per,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
@@ -363,15 +340,6 @@ def _gemv_tc_kernel(
                 _store_rows(result, rows, own, N, bias_ptr, out_ptr, HAS_BIAS, INTERPRETED)
             else:
                 tl.store(partial_ptr + sl * N + rows, result, mask=own)
-                counter = counter_ptr + tile * NW + warp
-                drawn = tl.atomic_add(counter + _warp_fence(i, INTERPRETED) * 0, 1, mask=lane == 0, sem="acq_rel",
-                                      scope="gpu")  # fmt: skip
-                last = _warp_fence(_from_lane0(drawn, NW, INTERPRETED), INTERPRETED) == SPLIT_K - 1
-                total_r = zero
-                for q in range(SPLIT_K):  # the slices in order, past L1 (other SMs wrote them)
-                    total_r += tl.load(partial_ptr + q * N + rows, mask=own & last, other=0.0, cache_modifier=".cg")
-                _store_rows(total_r, rows, own & last, N, bias_ptr, out_ptr, HAS_BIAS, INTERPRETED)
-                tl.atomic_xchg(counter, 0, mask=(lane == 0) & last)
             acc_a = zero
             acc_b = zero
         item = item1
@@ -443,18 +411,19 @@ def gemv_tc(
     rounds = -(-items // _programs(x.device, config.programs_per_sm))
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     if split_k > 1:
-        partial = torch.empty((split_k, n), dtype=torch.float32, device=x.device)
-        counters = tile_counters(x.device, -(-n // BLOCK_N) * (BLOCK_N // 16))
-    else:  # stand-ins the kernel does not read
-        partial, counters = out, out
+        partial = torch.empty((split_k, 1, n), dtype=torch.float32, device=x.device)
+    else:  # a stand-in the kernel does not read
+        partial = out
     double_quant = nested_absmax is not None
     if not double_quant:  # stand-ins (a pointer argument cannot be None)
         nested_absmax, nested_quant_map, nested_offset = absmax, quant_map, absmax
     options = {} if interpreted() else {"maxnreg": MAX_REGISTERS}
     wrap_triton(_gemv_tc_kernel)[(-(-items // rounds),)](
         x.view(torch.int32), codes.view(torch.int32), absmax, quant_map, nested_absmax, nested_quant_map,
-        nested_offset, bias if bias is not None else out, out, partial, counters, n, k, per, BLOCKSIZE=blocksize,
+        nested_offset, bias if bias is not None else out, out, partial, n, k, per, BLOCKSIZE=blocksize,
         DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None, X_KIND=0 if x.dtype == torch.bfloat16 else 1,
         BLOCK_N=BLOCK_N, SPLIT_K=split_k, INTERPRETED=interpreted(), num_warps=BLOCK_N // 16, **options,
     )  # fmt: skip
+    if split_k > 1:
+        sum_slices(partial, bias, out)
     return out
