@@ -282,9 +282,9 @@ def test_mma_small_batches(quant_type: str, dtype: torch.dtype, double_quant: bo
 )  # fmt: skip
 @pytest.mark.parametrize("config", [None, (1, 4), (3, 1), (32, 2)], ids=["default", "split1", "split3-1sm", "split32"])
 def test_gemv_tc_sizes_and_configs(dtype: torch.dtype, case: tuple, config: tuple | None) -> None:
-    # the tensor-core decode kernel (inline PTX: the shared-memory table, the mma fragments; split-K partial sums) on the
-    # 70B projections, a partial last step (K = 4160) and odd N, fewer rows than a warp's 16, blocksizes 128 / 256,
-    # each level table; one slice, 3 slices on one program an SM (many items a program), 32 slices
+    # the tensor-core decode kernel (inline PTX: the shared-memory table, the mma fragments; split-K partial sums) on
+    # the 70B projections, a partial last step (K = 4160) and odd N, fewer rows than a warp's 16, blocksizes 128 /
+    # 256, each level table; one slice, 3 slices on one program an SM (many items a program), 32 slices
     from nf4.kernels import gemv_tc as kgemv_tc
 
     n, k, blocksize, quant_type, double_quant = case
