@@ -27,9 +27,10 @@ address), one shared-memory load (the pair), 1/8 of an mma.
   the next item's codes in flight and stalled a warp at each item's end.
 
 H200, one process, CUDA graphs (docs/BENCHMARKS_GPU.md, thirteenth session): 28672x8192 0.0588 ms against 0.0730
-for gemv.py, 8192x28672 0.0548 against 0.0713, 8192x8192 0.0216 against 0.0267, 14336x4096 0.0213 against 0.0229;
-within 1% on 4096x14336, slower on 4096x4096 (5%) and 1024x4096 (35%). ops sends M = 1 here for weights of at least
-MIN_PARAMS and not under torch.compile (dynamo does not pass the register cap, a launch option, through).
+for gemv.py, 8192x28672 0.0548 against 0.0713, 8192x8192 0.0216 against 0.0267, 14336x4096 0.0213 against 0.0229,
+4096x14336 0.0210 against 0.0211; slower on 4096x4096 (4-7%) and 1024x4096 (35%). ops sends M = 1 here for
+weights of at least MIN_PARAMS and not under torch.compile (dynamo does not pass the register cap, a launch option,
+through).
 
 Under the interpreter the table lookup is a load of the pair computed from ``quant_map`` and the mma is an einsum
 over the warp's fragments (same operands, fp32 sums).
@@ -54,7 +55,7 @@ from nf4.kernels.gemv import _load16
 BLOCK_N = 128
 PROGRAMS_PER_SM = 4
 MAX_REGISTERS = 64
-# Weights from which ops sends M = 1 here: the 70B projections and the 8B MLPs (7-24% faster than gemv.py, 1% on
+# Weights from which ops sends M = 1 here: the 70B projections and the 8B MLPs (7-23% faster than gemv.py, 2% on
 # 4096x14336); 4096x4096 and smaller stay on gemv.py.
 MIN_PARAMS = 1 << 25
 _TABLE_WORDS = tl.constexpr(8192)  # 256 entries x 32 lanes
