@@ -23,7 +23,7 @@ address), one shared-memory load (the pair), 1/8 of an mma.
   each walking (row tile, K slice) items;
   the codes of the next step, across items, are in flight while a step computes. A slice's row sums go to a
   partial buffer, which a second launch adds up in slice order (deterministic). Summing in the kernel instead (a
-  ticket per warp, the last to draw adds the slices) took 15% longer on 28672x8192: the ticket's fences wait for
+  ticket per warp, the last to draw adds the slices) took 18% longer on 28672x8192: the ticket's fences wait for
   the next item's codes in flight and stalled a warp at each item's end.
 
 H200, one process, CUDA graphs (docs/BENCHMARKS_GPU.md, thirteenth session): 28672x8192 0.0588 ms against 0.0730
