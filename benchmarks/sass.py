@@ -25,7 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from nf4.kernels import common, dequantize, gemv, gemv_tc, mma, quantize  # noqa: E402
+from nf4.kernels import common, dequantize, gemv, gemv_tc, gemv_tcm, mma, quantize  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _FP32 = "*fp32"
@@ -51,6 +51,14 @@ def _gemv_tc(x: str, split_k: int, double_quant: bool, bias: bool) -> tuple:
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, HAS_BIAS=bias, X_KIND=0 if x == "*bf16" else 1,
                   BLOCK_N=gemv_tc.BLOCK_N, SPLIT_K=split_k)  # fmt: skip
     return gemv_tc._gemv_tc_kernel, ptrs, consts, gemv_tc.BLOCK_N // 16, 3, {"maxnreg": gemv_tc.MAX_REGISTERS}
+
+
+def _gemv_tcm(x: str, m: int, split_k: int, double_quant: bool, bias: bool) -> tuple:
+    ptrs = dict(x_ptr="*i32", data_ptr="*i32", bias_ptr=x, out_ptr=x, partial_ptr=_FP32, **_scales(double_quant))
+    consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, HAS_BIAS=bias, X_KIND=0 if x == "*bf16" else 1,
+                  BLOCK_N=gemv_tcm.BLOCK_N, SPLIT_K=split_k, HALVES=2 if m > 8 else 1)  # fmt: skip
+    max_registers = gemv_tcm._occupancy(m)[1]
+    return gemv_tcm._gemv_tcm_kernel, ptrs, consts, gemv_tcm.BLOCK_N // 16, 3, {"maxnreg": max_registers}
 
 
 def _mma(x: str, m: int, block_n: int, split_k: int, double_quant: bool) -> tuple:
@@ -99,6 +107,8 @@ BUILDS = {
     "gemv-fp32-m4-split16-dq": _gemv(_FP32, 2, 4, 16, True, False),
     "gemv-tc-bf16-split7-dq": _gemv_tc("*bf16", 7, True, False),
     "gemv-tc-fp16-plain-bias": _gemv_tc("*fp16", 1, False, True),
+    "gemv-tcm-bf16-m8-split4-dq": _gemv_tcm("*bf16", 8, 4, True, False),
+    "gemv-tcm-fp16-m16-plain-bias": _gemv_tcm("*fp16", 16, 1, False, True),
     "mma-bf16-m16-rows128-dq": _mma("*bf16", 16, 128, 4, True),
     "mma-fp16-m64-rows64-plain": _mma("*fp16", 64, 64, 1, False),
     "dequantize-bf16-dq": _dequantize("*bf16", True, False),

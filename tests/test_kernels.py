@@ -22,6 +22,7 @@ from nf4.kernels import dequantize as kdequantize  # noqa: E402
 from nf4.kernels import gemm as kgemm  # noqa: E402
 from nf4.kernels import gemv as kgemv  # noqa: E402
 from nf4.kernels import gemv_tc as kgemv_tc  # noqa: E402
+from nf4.kernels import gemv_tcm as kgemv_tcm  # noqa: E402
 from nf4.kernels import mma as kmma  # noqa: E402
 from nf4.kernels import quantize as kquantize  # noqa: E402
 
@@ -316,6 +317,50 @@ def test_gemv_tc_takes_one_half_precision_row_of_whole_64_blocks() -> None:
     assert kgemv_tc.supported(x, 128, 64) and kgemv_tc.supported(x.half(), 128, 128)
     assert not kgemv_tc.supported(x.float(), 128, 64) and not kgemv_tc.supported(torch.cat([x, x]), 128, 64)
     assert not kgemv_tc.supported(x, 128, 32) and not kgemv_tc.supported(x[:, :96], 96, 32)
+
+
+# M = 2-16: one n8 mma a k16 (M <= 8) or two (M > 8), rows of x past M masked; the cases above (rows past N, a
+# partial last step: K % 128, blocksizes 128 / 256 over several blocks' k-ranges), one slice or two on one program.
+# (The interpreter takes ~3 s a call: each M with one config.)
+GEMV_TCM_RUNS = [(2, None), (7, kgemv_tcm.GemvTcmConfig(split_k=1)),
+                 (9, kgemv_tcm.GemvTcmConfig(split_k=2, programs_per_sm=1)), (16, None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", GEMV_TC_CASES)
+@pytest.mark.parametrize("run", GEMV_TCM_RUNS, ids=["m2-default", "m7-split1", "m9-split2-one-program", "m16-default"])
+def test_gemv_tcm_matches_dequantize_then_fp32_matmul(case: tuple, run: tuple) -> None:
+    m, config = run
+    n, k, blocksize, double_quant, dtype = case
+    q = format.quantize(torch.randn(n, k), blocksize=blocksize, double_quant=double_quant)
+    x = torch.randn(m, k, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype)
+    out = kgemv_tcm.gemv_tcm(x, *_qargs(q), n, bias, config)
+    ref = x.float() @ format.dequantize(q, dtype).float().T + bias.float()
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert ((out.float() - ref).norm(dim=1) / ref.norm(dim=1)).max().item() < MMA_TOLERANCE[dtype]  # each row
+
+
+def test_gemv_tcm_reads_x_and_codes_through_views() -> None:
+    # rows of x at an odd offset and a row stride that is not K (the kernel loads 16 bytes of a row at a time, so
+    # both are copied), x as a transposed matrix's rows, codes starting mid-word; a second call gives the same bits
+    q = format.quantize(torch.randn(24, 256), double_quant=False)
+    buffer = torch.zeros(q.data.numel() + 5, dtype=torch.uint8)
+    buffer[5:] = q.data.reshape(-1)
+    data = buffer[5:].view(q.data.shape)
+    config = kgemv_tcm.GemvTcmConfig(split_k=1)
+    big = torch.randn(12, 300, dtype=torch.bfloat16)
+    for x in (big[1:4, 3:259], big[:, 8:264], torch.randn(256, 5, dtype=torch.bfloat16).T):
+        out = kgemv_tcm.gemv_tcm(x, data, *_qargs(q)[1:], 24, None, config)
+        ref = x.float() @ format.dequantize(q, torch.bfloat16).float().T
+        assert ((out.float() - ref).norm() / ref.norm()).item() < MMA_TOLERANCE[torch.bfloat16]
+        assert torch.equal(kgemv_tcm.gemv_tcm(x, data, *_qargs(q)[1:], 24, None, config), out)
+
+
+def test_gemv_tcm_takes_2_to_16_half_precision_rows_of_whole_64_blocks() -> None:
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    assert kgemv_tcm.supported(x, 128, 64) and kgemv_tcm.supported(x.half().repeat(8, 1), 128, 128)
+    assert not kgemv_tcm.supported(x[:1], 128, 64) and not kgemv_tcm.supported(x.repeat(9, 1)[:17], 128, 64)
+    assert not kgemv_tcm.supported(x.float(), 128, 64) and not kgemv_tcm.supported(x, 128, 32)
 
 
 @pytest.mark.parametrize("blocksize", [32, 64])

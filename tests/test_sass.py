@@ -26,7 +26,10 @@ _BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # The tensor-core decode kernel is capped at 64 registers (4 programs of 8 warps an SM, gemv_tc.py): none spilled
 # under Triton 3.6 (the device's), 16-24 bytes under 3.9 (24 in the split-K build since its tickets went: register
 # allocation at the cap moves with any change of the loop).
-SPILL_ALLOWED = {"gemv-fp32-m4-split16-dq": 16, "gemv-tc-bf16-split7-dq": 24, "gemv-tc-fp16-plain-bias": 16}
+# The small-batch one at M = 16 is capped at 80 (3 programs an SM): its one-slice build spills 8 bytes in the
+# epilogue's eight rounded stores, under both.
+SPILL_ALLOWED = {"gemv-fp32-m4-split16-dq": 16, "gemv-tc-bf16-split7-dq": 24, "gemv-tc-fp16-plain-bias": 16,
+                 "gemv-tcm-fp16-m16-plain-bias": 8}  # fmt: skip
 
 
 @pytest.mark.skipif(not (_BIN / "ptxas").exists() or not (_BIN / "cuobjdump").exists(), reason="no CUDA tools")
@@ -40,7 +43,8 @@ def test_every_kernel_compiles_for_hopper() -> None:
     builds = {r["build"]: r for r in map(json.loads, filter(None, run.stdout.splitlines()))}
     expected = {
         "gemv-bf16-m1-split4-dq", "gemv-fp16-m1-plain-bias", "gemv-fp32-m2-split16-dq", "gemv-fp32-m4-split16-dq",
-        "gemv-tc-bf16-split7-dq", "gemv-tc-fp16-plain-bias",
+        "gemv-tc-bf16-split7-dq", "gemv-tc-fp16-plain-bias", "gemv-tcm-bf16-m8-split4-dq",
+        "gemv-tcm-fp16-m16-plain-bias",
         "mma-bf16-m16-rows128-dq", "mma-fp16-m64-rows64-plain", "dequantize-bf16-dq", "dequantize-fp32-plain-partial",
         "quantize-nf4-bf16", "quantize-fp4-fp32", "absmax-sums", "double-quantize", "split-k-sum",
     }  # fmt: skip
@@ -48,10 +52,11 @@ def test_every_kernel_compiles_for_hopper() -> None:
     for name, r in builds.items():
         assert 0 < r["registers"] <= 255 and r["instructions"] > 0, r
         assert r["spill_bytes"] <= SPILL_ALLOWED.get(name, 0), r
-    # gemv_tc's table lives in the shared memory Triton reserves for one gather (offset 0 of global_smem): exactly
-    # its 32 KiB, so no other allocation of Triton's can overlap it
-    for name in ("gemv-tc-bf16-split7-dq", "gemv-tc-fp16-plain-bias"):
-        assert builds[name]["dynamic_shared"] == 256 * 32 * 4, builds[name]  # entries x lanes x bytes
+    # the table kernels' 32 KiB table is static shared memory declared in their PTX, and Triton allocates none
+    # (3 or 4 programs an SM fit in its 228 KiB, with no opt-in for more than 48 KiB a program)
+    for name in ("gemv-tc-bf16-split7-dq", "gemv-tc-fp16-plain-bias", "gemv-tcm-bf16-m8-split4-dq",
+                 "gemv-tcm-fp16-m16-plain-bias"):  # fmt: skip
+        assert builds[name]["dynamic_shared"] == 0 and 256 * 32 * 4 <= builds[name]["shared"] <= 48 * 1024, builds[name]
     # the decode kernels' lookups are the inline PTX they were written as: warp shuffles, byte permutes
     assert builds["gemv-bf16-m1-split4-dq"]["top"].get("SHFL", 0) >= 128
     assert builds["mma-bf16-m16-rows128-dq"]["top"].get("PRMT", 0) >= 64

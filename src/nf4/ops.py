@@ -34,6 +34,7 @@ if HAS_TRITON:
     from nf4.kernels import gemm as _kgemm
     from nf4.kernels import gemv as _kgemv
     from nf4.kernels import gemv_tc as _kgemv_tc
+    from nf4.kernels import gemv_tcm as _kgemv_tcm
     from nf4.kernels import mma as _kmma
     from nf4.kernels import quantize as _kquantize
 
@@ -133,13 +134,16 @@ def _matmul_impl(
 
 def _matmul_cuda(x: torch.Tensor, qargs: tuple) -> torch.Tensor:
     """The fastest kernel for x's rows (H200 sweeps, docs/BENCHMARKS.md): for one row the tensor-core decode kernel
-    on the largest weights, the FMA kernel otherwise (fp32 x: up to 4 rows), the tensor-core one for 2-64 rows
-    (bf16/fp16), dequantize + cuBLAS beyond, for no rows and partial-block rows. Under torch.compile one row takes
-    the FMA kernel: the decode kernel's register cap (a launch option) is not one that dynamo passes through."""
+    on the largest weights, the FMA kernel otherwise (fp32 x: up to 4 rows); for 2-16 rows (bf16/fp16) the
+    table-lookup tensor-core kernel, for up to 64 the byte-permute one; dequantize + cuBLAS beyond, for no rows and
+    partial-block rows. Under torch.compile the two table kernels give way (one row to the FMA kernel, 2-16 to the
+    byte-permute one): their register cap is a launch option that dynamo does not pass through."""
     m, k = x.shape
     blocksize = qargs[6]
     if m == 0 or not _kgemv.supported(k, blocksize):
         return _kgemm.gemm(x, *qargs)
+    if _kgemv_tcm.supported(x, k, blocksize) and not _kcommon.tracing():
+        return _kgemv_tcm.gemv_tcm(x, *qargs)
     if _kmma.MIN_M <= m <= _kmma.MAX_M and _kmma.supported(x, k, blocksize):
         return _kmma.mma(x, *qargs)
     if _kgemv_tc.supported(x, k, blocksize) and qargs[7] * k >= _kgemv_tc.MIN_PARAMS and not _kcommon.tracing():

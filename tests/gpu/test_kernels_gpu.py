@@ -111,11 +111,12 @@ def test_matmul_input_gradient() -> None:
     assert rel < 1e-2
 
 
-@pytest.mark.parametrize("mnk", [(1, 256, 128), (4, 256, 128), (1, 1024, 4096), (1, 8192, 8192)])
+@pytest.mark.parametrize("mnk", [(1, 256, 128), (4, 256, 128), (1, 1024, 4096), (1, 8192, 8192), (16, 4096, 4096)])
 def test_compile_fullgraph(mnk: tuple) -> None:
     # M = 1: the FMA kernel with x by plain loads (torch.compile's write analysis rejects inline PTX that takes a
     # pointer), split-K with fresh counters after eager calls made the cached ones (a real tensor in a fake trace
-    # failed), and on a weight eager mode sends to the tensor-core decode kernel
+    # failed), and on a weight eager mode sends to the tensor-core decode kernel; M = 4, 16: the byte-permute
+    # kernel, where eager mode takes the table one
     m, n, k = mnk
     q = ops.quantize(torch.randn(n, k, device="cuda"))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -261,17 +262,54 @@ def test_matmul_of_an_empty_batch() -> None:
 @pytest.mark.parametrize("nkb", [(4097, 4096, 64), (28672, 8192, 64), (300, 1024, 32), (1000, 2048, 128)])
 @pytest.mark.parametrize("m", [2, 5, 16, 33, 64])
 def test_mma_small_batches(quant_type: str, dtype: torch.dtype, double_quant: bool, nkb: tuple, m: int) -> None:
-    # the tensor-core kernel (2 <= M <= 64, bf16/fp16; x tiles of 16, 64 rows): its register lookup (inline PTX)
-    # for each level table and dtype, an odd N (a partial row tile), a 70B projection, blocksizes 32 and 128
+    # the byte-permute tensor-core kernel (2 <= M <= 64, bf16/fp16; x tiles of 16, 64 rows; ops sends it M > 16,
+    # and 2-16 under torch.compile) and ops' choice: its register lookup (inline PTX) for each level table and
+    # dtype, an odd N (a partial row tile), a 70B projection, blocksizes 32 and 128
+    from nf4.kernels import mma as kmma
+
     n, k, blocksize = nkb
     q = ops.quantize(torch.randn(n, k, device="cuda"), quant_type, blocksize, double_quant)
+    offset = torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda") if double_quant else None
+    qargs = (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, blocksize)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
-    _poison()
-    out = ops.matmul(x, q, bias)
     ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
-    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    for matmul in (lambda: ops.matmul(x, q, bias), lambda: kmma.mma(x, *qargs, n, bias)):
+        _poison()
+        out = matmul()
+        rel = ((out.double() - ref).norm() / ref.norm()).item()
+        assert out.dtype == dtype and out.shape == (m, n) and rel < 4e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "case",
+    [(28672, 8192, 64, "nf4", True), (8192, 28672, 64, "nf4", False), (4097, 4160, 64, "fp4", True),
+     (11, 14336, 128, "int4", False), (1000, 4096, 256, "nf4", True)],
+)  # fmt: skip
+@pytest.mark.parametrize("m", [2, 8, 9, 16])
+@pytest.mark.parametrize("config", [None, (1,), (3, 1), (32,)], ids=["default", "split1", "split3-1sm", "split32"])
+def test_gemv_tcm_sizes_and_configs(dtype: torch.dtype, case: tuple, m: int, config: tuple | None) -> None:
+    # the small-batch table kernel (M = 2-16: one or two n8 mmas a k16, 64 or 80 registers), with gemv_tc's cases:
+    # 70B projections, a partial last step and odd N, fewer rows than a warp's 16, blocksizes 128 / 256, each level
+    # table; one slice, 3 slices on one program an SM, 32 slices; each row of the output checked
+    from nf4.kernels import gemv_tcm as kgemv_tcm
+
+    n, k, blocksize, quant_type, double_quant = case
+    q = ops.quantize(torch.randn(n, k, device="cuda"), quant_type, blocksize, double_quant)
+    offset = torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda") if double_quant else None
+    qargs = (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, blocksize)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    cfg = config and kgemv_tcm.GemvTcmConfig(*config)
+    _poison()
+    out = kgemv_tcm.gemv_tcm(x, *qargs, n, bias, cfg)
+    ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
+    rel = ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
     assert out.dtype == dtype and out.shape == (m, n) and rel < 4e-3
+    assert torch.equal(kgemv_tcm.gemv_tcm(x, *qargs, n, bias, cfg), out)  # the slices summed in the same order
+    if kgemv_tcm.supported(x, k, blocksize) and config is None:
+        assert torch.equal(ops.matmul(x, q, bias), out)  # ops' choice in eager mode
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -8,10 +8,10 @@ address), one shared-memory load (the pair), 1/8 of an mma.
 
 - The table: 256 entries (a code byte) of level pairs, one copy per lane (entry e of lane l at byte 128 e + 4 l:
   each lane reads its own bank, so a warp's 32 lookups take one shared-memory wavefront). 32 KiB a program,
-  written once per program from ``quant_map``. Triton has no call for raw shared memory, so the kernel has Triton
-  allocate it: a ``tl.gather`` over a 32 KiB tensor makes Triton reserve that much at offset 0 of the dynamic
-  shared memory (``global_smem``); the kernel allocates nothing else, and its inline PTX uses the words once the
-  gather is done.
+  written once per program from ``quant_map``. Triton has no call for raw shared memory, so the table is a
+  ``.shared`` array declared by the kernel's inline PTX (``_table``): ptxas adds it to the static shared memory,
+  apart from any of Triton's. (It was the allocation Triton makes for a ``tl.gather`` over a 32 KiB tensor until
+  the fourteenth session: the gather's code cost 40 instructions, and the kernel is 1-4% faster without them.)
 - A warp owns 16 rows; lane (g, t) = (lane / 4, lane % 4) holds rows g and g + 8 (the fragment's rows). A step is
   256 elements of each row, in two quarters of 16 bytes a lane (8 mmas each). The mma's 8 columns, which a
   matmul would give to 8 rows of x, are given to blocks instead: the x column of slot c holds x only where the
@@ -58,7 +58,6 @@ MAX_REGISTERS = 64
 # Weights from which ops sends M = 1 here: the 70B projections and the 8B MLPs (7-23% faster than gemv.py, 2% on
 # 4096x14336); 4096x4096 and smaller stay on gemv.py.
 MIN_PARAMS = 1 << 25
-_TABLE_WORDS = tl.constexpr(8192)  # 256 entries x 32 lanes
 
 
 @dataclass(frozen=True)
@@ -82,6 +81,34 @@ def _pair(quant_map_ptr, e, X_KIND: tl.constexpr, INTERPRETED: tl.constexpr):
     lo = round_to(tl.load(quant_map_ptr + (e >> 4)), dtype, INTERPRETED).to(tl.int16, bitcast=True).to(tl.int32)
     hi = round_to(tl.load(quant_map_ptr + (e & 15)), dtype, INTERPRETED).to(tl.int16, bitcast=True).to(tl.int32)
     return (lo & 0xFFFF) | (hi << 16)
+
+
+# The table (see the module docstring): each warp writes 256 / NW entries of every lane's column, then the program
+# waits for all of them. Returns the table's shared-memory address (0 under the interpreter, which computes pairs).
+# Called once per kernel: the PTX declares the array where it is inlined.
+@triton.jit
+def _table(quant_map_ptr, i, NW: tl.constexpr, X_KIND: tl.constexpr, INTERPRETED: tl.constexpr):
+    if INTERPRETED:
+        base = i * 0
+    else:
+        lane = i % 32
+        warp = i // 32
+        base = tl.inline_asm_elementwise(".shared .align 16 .b32 nf4_pairs[8192]; mov.u32 $0, nf4_pairs;", "=r,r",
+                                         [i], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+        ENTRIES: tl.constexpr = 256 // NW
+        for j0 in tl.static_range(0, ENTRIES, 32):
+            mine = _pair(quant_map_ptr, (warp * ENTRIES + j0 + lane) & 255, X_KIND, INTERPRETED)
+            for j in tl.static_range(min(32, ENTRIES)):
+                pair = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
+                                                 [mine, i * 0 + j], dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+                base = tl.inline_asm_elementwise(
+                    "st.shared.b32 [$2], $3; mov.b32 $0, $1;", "=r,r,r,r",
+                    [base, base + (warp * ENTRIES + j0 + j) * 128 + lane * 4, pair], dtype=tl.int32, is_pure=False,
+                    pack=1,
+                )  # fmt: skip
+        base = tl.inline_asm_elementwise("bar.sync 0; mov.b32 $0, $1;", "=r,r", [base], dtype=tl.int32,
+                                         is_pure=False, pack=1)  # fmt: skip
+    return base
 
 
 # The level pairs of a code word's 4 bytes. On the GPU from this lane's column of the table: byte v lands in bits
@@ -245,27 +272,7 @@ def _gemv_tc_kernel(
     lane8 = lane * 8
     zero = tl.zeros([THREADS], tl.float32)
 
-    # The table (see the module docstring): the gather makes Triton reserve its shared memory; each warp writes
-    # 256 / NW entries of every lane's column, then the program waits for all of them.
-    keep = tl.gather(tl.zeros([_TABLE_WORDS], tl.int32) + tl.load(quant_map_ptr).to(tl.int32, bitcast=True), i * 0, 0)
-    if INTERPRETED:
-        base = keep * 0
-    else:
-        base = tl.inline_asm_elementwise("mov.u32 $0, global_smem;", "=r,r", [keep], dtype=tl.int32,
-                                         is_pure=False, pack=1)  # fmt: skip
-        ENTRIES: tl.constexpr = 256 // NW
-        for j0 in tl.static_range(0, ENTRIES, 32):
-            mine = _pair(quant_map_ptr, (warp * ENTRIES + j0 + lane) & 255, X_KIND, INTERPRETED)
-            for j in tl.static_range(min(32, ENTRIES)):
-                pair = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
-                                                 [mine, i * 0 + j], dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
-                base = tl.inline_asm_elementwise(
-                    "st.shared.b32 [$2], $3; mov.b32 $0, $1;", "=r,r,r,r",
-                    [base, base + (warp * ENTRIES + j0 + j) * 128 + lane * 4, pair], dtype=tl.int32, is_pure=False,
-                    pack=1,
-                )  # fmt: skip
-        base = tl.inline_asm_elementwise("bar.sync 0; mov.b32 $0, $1;", "=r,r", [base], dtype=tl.int32,
-                                         is_pure=False, pack=1)  # fmt: skip
+    base = _table(quant_map_ptr, i, NW, X_KIND, INTERPRETED)
 
     acc_a = zero
     acc_b = zero

@@ -1,0 +1,333 @@
+"""Small batches (M = 2-16) on tensor cores: out = x @ W^T (+ bias), W read once as 4-bit codes.
+
+gemv_tc.py's decode with rows of x in the mma's columns: each code byte is looked up once, as a pair of levels in
+x's dtype, from the same per-lane table in shared memory (``gemv_tc._table``), and ``mma.sync.m16n8k16`` sums the
+products. mma.py, the kernel it replaces up to 16 rows, decodes each code by byte permutes in registers and was
+bound by those ALU instructions (tenth session's profile).
+
+- A warp owns 16 rows of W; lane (g, t) = (lane / 4, lane % 4) loads 8 bytes of each 64-element block of rows g and
+  g + 8 (the block's bytes 8t..8t+7, its elements 16t..16t+15), so one block is the k-range of 4 mmas: they sum
+  into a fresh accumulator, which is scaled by the block's absmax once. A step is two blocks.
+- The mma's 8 columns are rows of x: one n8 mma per k16 for M <= 8, two sharing the A fragment (W) for M <= 16.
+  Lane (g, t) ends holding rows g, g + 8 of W against x rows 2t, 2t + 1 (and 2t + 8, 2t + 9): no cross-lane sum.
+- Persistent, like gemv_tc: (row tile, K slice) items; the next step's codes are in flight while a step computes;
+  a slice's sums go to a partial buffer that ``common.sum_slices`` adds in slice order (deterministic). M <= 8:
+  4 programs of 8 warps an SM at 64 registers; M = 9-16 holds twice the accumulators: 3 programs at 80 registers
+  (Triton 3.6 compiles both without spills; 64 registers spilled 56 bytes at M = 16).
+
+H200, one process, CUDA graphs, against mma.py (docs/BENCHMARKS_GPU.md, fourteenth session): M = 2 on 28672x8192
+0.0734 ms against 0.1036 (bf16 0.1087), 8192x28672 0.0685 against 0.1019; M = 8 0.0851 / 0.0766 against
+0.1043 / 0.1028; M = 16 0.1087 / 0.1010 against 0.1051 / 0.1038. Faster than mma.py at M <= 8 on every Llama
+shape tried (4-34%), at M = 16 on 5 of 7 (3-10%; 3-5% slower on 28672x8192 and 1024x4096). ops sends M = 2-16 here
+except under torch.compile (the register cap is a launch option dynamo does not pass through).
+
+Under the interpreter the lookups and mmas are gemv_tc's CPU forms (a computed pair, an einsum over fragments).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from nf4.kernels.common import interpreted, round_to, sum_slices
+from nf4.kernels.common import load_absmax as _absmax
+from nf4.kernels.gemv import _load16
+from nf4.kernels.gemv_tc import _lookup4, _mma, _programs, _table
+
+BLOCK_N = 128  # rows of W a program (8 warps)
+MIN_M = 2
+MAX_M = 16
+
+
+@dataclass(frozen=True)
+class GemvTcmConfig:
+    """K cut into split_k slices (0: chosen so that the items fill the grid in whole rounds); programs an SM and
+    the register cap that lets them fit (0: by M, see the module docstring)."""
+
+    split_k: int = 0
+    programs_per_sm: int = 0
+    max_registers: int = 0
+
+
+def supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
+    """2-16 rows of bf16/fp16 x, rows of whole 64-element blocks (a block is the k-range of 4 mmas)."""
+    return (
+        MIN_M <= x.shape[0] <= MAX_M
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and k % 64 == 0
+        and blocksize % 64 == 0
+    )
+
+
+# The 2 code words at ptr (8-byte aligned), 0 where masked; read once, so not kept in L1.
+@triton.jit
+def _codes8(ptr, mask, INTERPRETED: tl.constexpr):
+    if INTERPRETED:
+        w0 = tl.load(ptr, mask=mask, other=0)
+        w1 = tl.load(ptr + 1, mask=mask, other=0)
+    else:
+        w0, w1 = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b32 $0, 0; mov.b32 $1, 0;"
+            " @p ld.global.nc.L1::no_allocate.v2.b32 {$0, $1}, [$2]; }",
+            "=r,=r,l,r", [ptr, mask.to(tl.int32)], dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
+        )  # fmt: skip
+    return w0, w1
+
+
+# One block: the lane's codes of rows a and b (2 words each), its 16 elements of x rows g (and g + 8, HALVES = 2),
+# 4 mmas (8). mma j takes bytes 2j and 2j + 1 of the lane's 8: its k = 2t, 2t + 1 are byte 2j's elements, and x
+# word 2j holds the same two elements; k = 2t + 8, 2t + 9 are byte 2j + 1's.
+@triton.jit
+def _block(wa0, wa1, wb0, wb1, x_ptr, xm, x_ptr2, xm2, lane8, base, quant_map_ptr, NW: tl.constexpr,
+           X_KIND: tl.constexpr, HALVES: tl.constexpr, INTERPRETED: tl.constexpr):  # fmt: skip
+    zero = tl.zeros(wa0.shape, tl.float32)
+    x0, x1, x2, x3 = _load16(x_ptr, xm, INTERPRETED)
+    x4, x5, x6, x7 = _load16(x_ptr + 4, xm, INTERPRETED)
+    a0, a1, a2, a3 = _lookup4(wa0, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
+    a4, a5, a6, a7 = _lookup4(wa1, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
+    b0, b1, b2, b3 = _lookup4(wb0, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
+    b4, b5, b6, b7 = _lookup4(wb1, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
+    c0, c1, c2, c3 = _mma(a0, b0, a1, b1, x0, x1, zero, zero, zero, zero, NW, X_KIND, INTERPRETED)
+    c0, c1, c2, c3 = _mma(a2, b2, a3, b3, x2, x3, c0, c1, c2, c3, NW, X_KIND, INTERPRETED)
+    c0, c1, c2, c3 = _mma(a4, b4, a5, b5, x4, x5, c0, c1, c2, c3, NW, X_KIND, INTERPRETED)
+    c0, c1, c2, c3 = _mma(a6, b6, a7, b7, x6, x7, c0, c1, c2, c3, NW, X_KIND, INTERPRETED)
+    if HALVES == 2:
+        y0, y1, y2, y3 = _load16(x_ptr2, xm2, INTERPRETED)
+        y4, y5, y6, y7 = _load16(x_ptr2 + 4, xm2, INTERPRETED)
+        d0, d1, d2, d3 = _mma(a0, b0, a1, b1, y0, y1, zero, zero, zero, zero, NW, X_KIND, INTERPRETED)
+        d0, d1, d2, d3 = _mma(a2, b2, a3, b3, y2, y3, d0, d1, d2, d3, NW, X_KIND, INTERPRETED)
+        d0, d1, d2, d3 = _mma(a4, b4, a5, b5, y4, y5, d0, d1, d2, d3, NW, X_KIND, INTERPRETED)
+        d0, d1, d2, d3 = _mma(a6, b6, a7, b7, y6, y7, d0, d1, d2, d3, NW, X_KIND, INTERPRETED)
+    else:
+        d0, d1, d2, d3 = zero, zero, zero, zero
+    return c0, c1, c2, c3, d0, d1, d2, d3
+
+
+# One output row's sums of W rows `rows` against x row m: to the slice's partial rows (SPLIT), or out (+ bias).
+@triton.jit
+def _out_rows(v, m, rows, own, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+              INTERPRETED: tl.constexpr):  # fmt: skip
+    mask = own & (m < M)
+    if SPLIT:
+        tl.store(slice_ptr + m * N + rows, v, mask=mask)
+    else:
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + tl.minimum(rows, N - 1)).to(tl.float32)
+        tl.store(out_ptr + m * N + rows, round_to(v, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+# The lane's codes of a step (2 blocks) for rows r and r + 8: (a0, a1, b0, b1) of the first block, then the second's.
+@triton.jit
+def _step_codes(pa, s, wpr, live, row, N, INTERPRETED: tl.constexpr):
+    pb = pa + 8 * wpr
+    in0 = live & (row * 0 + s * 16 < wpr)  # per-lane tensors: the interpreter rejects a mask made with a scalar
+    in1 = live & (row * 0 + s * 16 + 8 < wpr)
+    a0, a1 = _codes8(pa + s * 16, in0 & (row < N), INTERPRETED)
+    b0, b1 = _codes8(pb + s * 16, in0 & (row + 8 < N), INTERPRETED)
+    c0, c1 = _codes8(pa + s * 16 + 8, in1 & (row < N), INTERPRETED)
+    d0, d1 = _codes8(pb + s * 16 + 8, in1 & (row + 8 < N), INTERPRETED)
+    return a0, a1, b0, b1, c0, c1, d0, d1
+
+
+@triton.jit
+def _gemv_tcm_kernel(
+    x_ptr, data_ptr, absmax_ptr, quant_map_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
+    bias_ptr, out_ptr, partial_ptr, M, N, K, stride_xw, per,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, HALVES: tl.constexpr, INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    THREADS: tl.constexpr = BLOCK_N * 2  # 16 rows a warp
+    NW: tl.constexpr = THREADS // 32
+    i = tl.arange(0, THREADS)
+    lane = i % 32
+    warp = i // 32
+    g = lane // 4
+    t = lane % 4
+    wpr = K // 8  # int32 words of codes a row
+    bpr = K // BLOCKSIZE
+    steps = tl.cdiv(K, 128)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    total = tl.cdiv(n_tiles * SPLIT_K - pid, G) * per  # this program's steps
+    lane8 = lane * 8
+    zero = tl.zeros([THREADS], tl.float32)
+    base = _table(quant_map_ptr, i, NW, X_KIND, INTERPRETED)
+
+    acc0 = zero
+    acc1 = zero
+    acc2 = zero
+    acc3 = zero
+    acc4 = zero
+    acc5 = zero
+    acc6 = zero
+    acc7 = zero
+    item = pid
+    tile = pid % n_tiles
+    sl = pid // n_tiles
+    step_in = 0
+    row_a = tile * BLOCK_N + warp * 16 + g
+    pa = data_ptr + row_a.to(tl.int64) * wpr + 2 * t
+    na0, na1, nb0, nb1, nc0, nc1, nd0, nd1 = _step_codes(pa, sl * per, wpr, i * 0 + total > 0, row_a, N, INTERPRETED)
+    xa = x_ptr + g * stride_xw + 8 * t  # x row g (the mma's column g), and row g + 8 for the second n8 mma
+    xb = xa + 8 * stride_xw
+    for it in range(0, total):
+        s = sl * per + step_in
+        row_a = tile * BLOCK_N + warp * 16 + g
+        row_b = row_a + 8
+        qa0, qa1, qb0, qb1, qc0, qc1, qd0, qd1 = na0, na1, nb0, nb1, nc0, nc1, nd0, nd1
+        # the next step's codes (the next item's first at an item's end) are loaded before this step computes
+        if step_in + 1 < per:
+            item1 = item
+            tile1 = tile
+            sl1 = sl
+            step1 = step_in + 1
+            pa1 = pa
+            r1 = row_a
+        else:
+            item1 = item + G
+            tile1 = item1 % n_tiles
+            sl1 = item1 // n_tiles
+            step1 = 0
+            r1 = tile1 * BLOCK_N + warp * 16 + g
+            pa1 = data_ptr + r1.to(tl.int64) * wpr + 2 * t
+        s1 = sl1 * per + step1
+        live = (i * 0 + it + 1 < total) & (i * 0 + s1 < steps)
+        na0, na1, nb0, nb1, nc0, nc1, nd0, nd1 = _step_codes(pa1, s1, wpr, live, r1, N, INTERPRETED)
+        for half in tl.static_range(2):  # the step's two blocks
+            e = s * 128 + 64 * half
+            inside = (i * 0 + e) < K
+            if half == 0:
+                wa0, wa1, wb0, wb1 = qa0, qa1, qb0, qb1
+            else:
+                wa0, wa1, wb0, wb1 = qc0, qc1, qd0, qd1
+            c0, c1, c2, c3, d0, d1, d2, d3 = _block(
+                wa0, wa1, wb0, wb1, xa + e // 2, inside & (g < M), xb + e // 2, inside & (g + 8 < M), lane8, base,
+                quant_map_ptr, NW, X_KIND, HALVES, INTERPRETED,
+            )  # fmt: skip
+            am_a = _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
+                           row_a * bpr + e // BLOCKSIZE, inside & (row_a < N), DOUBLE_QUANT, INTERPRETED)  # fmt: skip
+            am_b = _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
+                           row_b * bpr + e // BLOCKSIZE, inside & (row_b < N), DOUBLE_QUANT, INTERPRETED)  # fmt: skip
+            acc0 += am_a * c0
+            acc1 += am_a * c1
+            acc2 += am_b * c2
+            acc3 += am_b * c3
+            if HALVES == 2:
+                acc4 += am_a * d0
+                acc5 += am_a * d1
+                acc6 += am_b * d2
+                acc7 += am_b * d3
+        if step_in == per - 1:  # lane (g, t): W rows g (acc0, 1), g + 8 (acc2, 3) against x rows 2t, 2t + 1 (+ 8)
+            m0 = 2 * t
+            slice_ptr = partial_ptr + sl * M * N
+            split: tl.constexpr = SPLIT_K > 1
+            own_a = row_a < N
+            own_b = row_b < N
+            _out_rows(acc0, m0, row_a, own_a, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split, INTERPRETED)
+            _out_rows(acc1, m0 + 1, row_a, own_a, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split, INTERPRETED)
+            _out_rows(acc2, m0, row_b, own_b, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split, INTERPRETED)
+            _out_rows(acc3, m0 + 1, row_b, own_b, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split, INTERPRETED)
+            if HALVES == 2:
+                _out_rows(acc4, m0 + 8, row_a, own_a, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split,
+                          INTERPRETED)  # fmt: skip
+                _out_rows(acc5, m0 + 9, row_a, own_a, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split,
+                          INTERPRETED)  # fmt: skip
+                _out_rows(acc6, m0 + 8, row_b, own_b, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split,
+                          INTERPRETED)  # fmt: skip
+                _out_rows(acc7, m0 + 9, row_b, own_b, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split,
+                          INTERPRETED)  # fmt: skip
+            acc0 = zero
+            acc1 = zero
+            acc2 = zero
+            acc3 = zero
+            acc4 = zero
+            acc5 = zero
+            acc6 = zero
+            acc7 = zero
+        item = item1
+        tile = tile1
+        sl = sl1
+        step_in = step1
+        pa = pa1
+
+
+def _occupancy(m: int) -> tuple[int, int]:
+    """(programs an SM, register cap) for m rows of x: one n8 mma a k16 up to 8 rows, two beyond."""
+    return (4, 64) if m <= 8 else (3, 80)
+
+
+@functools.cache  # a decode step asks for the same few shapes every token
+def default_config(n: int, k: int, m: int, device: torch.device) -> GemvTcmConfig:
+    """The split of K (at most 32 slices, at least 2 steps each) whose items fill the grid in whole rounds best;
+    a larger split only when it is 2% better."""
+    programs_per_sm, max_registers = _occupancy(m)
+    slots = _programs(device, programs_per_sm)
+    steps = -(-k // 128)
+    tiles = -(-n // BLOCK_N)
+    best, split_k = 0.0, 1
+    for split in range(1, 33):
+        if split > 1 and -(-steps // split) < 2:
+            break
+        items = tiles * split
+        fill = items / (-(-items // slots) * slots)
+        if fill > best + 0.02:
+            best, split_k = fill, split
+    return GemvTcmConfig(split_k, programs_per_sm, max_registers)
+
+
+def gemv_tcm(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_quant_map: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
+    blocksize: int,
+    n: int,
+    bias: torch.Tensor | None,
+    config: GemvTcmConfig | None = None,
+) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, 2 <= M <= 16) @ W[n, K]^T (+ bias) -> [M, n] in x's dtype."""
+    m, k = x.shape
+    assert supported(x, k, blocksize), (x.shape, x.dtype, blocksize)
+    default = default_config(n, k, m, x.device)
+    config = config or default
+    split_k = config.split_k or default.split_k
+    programs_per_sm = config.programs_per_sm or default.programs_per_sm
+    max_registers = config.max_registers or default.max_registers
+    if x.stride(1) != 1 or x.storage_offset() % 8 or x.stride(0) % 8:  # 16-byte loads of x's rows
+        x = x.clone(memory_format=torch.contiguous_format)
+    codes = data.reshape(-1)
+    if codes.storage_offset() % 16:
+        codes = codes.clone()
+    steps = -(-k // 128)
+    per = -(-steps // min(split_k, steps))
+    split_k = -(-steps // per)  # no empty slices
+    items = -(-n // BLOCK_N) * split_k
+    rounds = -(-items // _programs(x.device, programs_per_sm))
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if split_k > 1:
+        partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    else:  # a stand-in the kernel does not read
+        partial = out
+    double_quant = nested_absmax is not None
+    if not double_quant:  # stand-ins (a pointer argument cannot be None)
+        nested_absmax, nested_quant_map, nested_offset = absmax, quant_map, absmax
+    options = {} if interpreted() else {"maxnreg": max_registers}
+    wrap_triton(_gemv_tcm_kernel)[(-(-items // rounds),)](
+        x.view(torch.int32), codes.view(torch.int32), absmax, quant_map, nested_absmax, nested_quant_map,
+        nested_offset, bias if bias is not None else out, out, partial, m, n, k, x.stride(0) // 2, per,
+        BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
+        X_KIND=0 if x.dtype == torch.bfloat16 else 1, BLOCK_N=BLOCK_N, SPLIT_K=split_k, HALVES=2 if m > 8 else 1,
+        INTERPRETED=interpreted(), num_warps=BLOCK_N // 16, **options,
+    )  # fmt: skip
+    if split_k > 1:
+        sum_slices(partial, bias, out)
+    return out
