@@ -281,6 +281,12 @@ def test_mma_small_batches(quant_type: str, dtype: torch.dtype, double_quant: bo
         assert out.dtype == dtype and out.shape == (m, n) and rel < 4e-3
 
 
+# The table kernels hold each level rounded to x's dtype and scale a block's sum by its absmax in fp32; the
+# reference rounds level x absmax. On 11 rows of int4 (levels k/7, inexact in bf16) the relative error of 22
+# outputs exceeded 4e-3 on 2% of 300 draws, at most 5.2e-3 (their arithmetic emulated on the CPU; seen on the H200).
+TABLE_TOLERANCE = 6e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "case",
@@ -307,7 +313,7 @@ def test_gemv_tcm_sizes_and_configs(dtype: torch.dtype, case: tuple, m: int, con
     ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
     rel = ((out.double() - ref).norm() / ref.norm()).item()
     worst_row = ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()  # a row of x lost shows here
-    assert out.dtype == dtype and out.shape == (m, n) and rel < 4e-3 and worst_row < 1e-2
+    assert out.dtype == dtype and out.shape == (m, n) and rel < TABLE_TOLERANCE and worst_row < 2e-2
     assert torch.equal(kgemv_tcm.gemv_tcm(x, *qargs, n, bias, cfg), out)  # the slices summed in the same order
     if kgemv_tcm.supported(x, k, blocksize) and config is None:
         assert torch.equal(ops.matmul(x, q, bias), out)  # ops' choice in eager mode
@@ -336,7 +342,7 @@ def test_gemv_tc_sizes_and_configs(dtype: torch.dtype, case: tuple, config: tupl
     out = kgemv_tc.gemv_tc(x, *qargs, n, bias, config and kgemv_tc.GemvTcConfig(*config))
     ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
     rel = ((out.double() - ref).norm() / ref.norm()).item()
-    assert out.dtype == dtype and out.shape == (1, n) and rel < 4e-3
+    assert out.dtype == dtype and out.shape == (1, n) and rel < TABLE_TOLERANCE
     again = kgemv_tc.gemv_tc(x, *qargs, n, bias, config and kgemv_tc.GemvTcConfig(*config))
     assert torch.equal(again, out)  # the slices summed in the same order
 
