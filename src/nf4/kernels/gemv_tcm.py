@@ -13,12 +13,13 @@ bound by those ALU instructions (tenth session's profile).
 - Persistent, like gemv_tc: (row tile, K slice) items; the next step's codes are in flight while a step computes;
   a slice's sums go to a partial buffer that ``common.sum_slices`` adds in slice order (deterministic). M <= 8:
   4 programs of 8 warps an SM at 64 registers; M = 9-16 holds twice the accumulators: 3 programs at 80 registers
-  (Triton 3.6 compiles both without spills; 64 registers spilled 56 bytes at M = 16).
+  (Triton 3.6 and 3.9: no spills at M <= 8; at M = 16 8 bytes in the one-slice build's epilogue, 56 bytes a
+  step at 64 registers).
 
 H200, one process, CUDA graphs, against mma.py (docs/BENCHMARKS_GPU.md, fourteenth session): M = 2 on 28672x8192
 0.0734 ms against 0.1036 (bf16 0.1087), 8192x28672 0.0685 against 0.1019; M = 8 0.0851 / 0.0766 against
 0.1043 / 0.1028; M = 16 0.1087 / 0.1010 against 0.1051 / 0.1038. Faster than mma.py at M <= 8 on every Llama
-shape tried (4-34%), at M = 16 on 5 of 7 (3-10%; 3-5% slower on 28672x8192 and 1024x4096). ops sends M = 2-16 here
+shape tried (4-33%), at M = 16 on 5 of 7 (2-10%; 3-5% slower on 28672x8192 and 1024x4096). ops sends M = 2-16 here
 except under torch.compile (the register cap is a launch option dynamo does not pass through).
 
 Under the interpreter the lookups and mmas are gemv_tc's CPU forms (a computed pair, an einsum over fragments).
