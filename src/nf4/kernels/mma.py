@@ -23,6 +23,10 @@ What the H200 sweeps taught (docs/BENCHMARKS_GPU.md):
   levels scaled before the dot (async wgmma) and a 256-entry byte-pair table were all slower.
 
 Needs K % blocksize == 0 and x in bf16 or fp16; other inputs take gemv.py or dequantize + cuBLAS (gemm.py).
+ops sends it 17-64 rows, and 2-16 where gemv_tcm.py does not take them (blocksize 32, under torch.compile):
+gemv_tcm, gemv_tc's byte-pair table with rows of x as the mma's columns, is 4-33% faster at M = 2-8 and about as
+fast at 16. The same table in this kernel (one copy per lane, looked up by ``prmt``) was 12-25% slower than the
+register decode (fourteenth session).
 """
 
 from __future__ import annotations
@@ -206,10 +210,10 @@ def default_config(n: int, k: int, blocksize: int, m: int) -> MmaConfig:
     return MmaConfig(block_n=128 if large else 64, split_k=split_k)
 
 
-# Rows of x the kernel takes (ops sends MIN_M <= M <= MAX_M here). x's tile is M rounded up to 16, 32 or 64
-# rows; the time is flat in M up to 16 and grows slowly to 64 (28672x8192: 0.111 / 0.128 / 0.159 ms at M = 16 /
-# 32 / 64, against 0.278-0.281 for dequantize + cuBLAS). At M = 128 it lost to that on 14336x4096 (0.100 vs
-# 0.080 ms). Below MIN_M the FMA kernel (gemv.py) is faster.
+# Rows of x the kernel takes (ops sends it those of MIN_M <= M <= MAX_M that gemv_tcm.py does not take). x's
+# tile is M rounded up to 16, 32 or 64 rows; the time is flat in M up to 16 and grows slowly to 64 (28672x8192:
+# 0.111 / 0.128 / 0.159 ms at M = 16 / 32 / 64, against 0.278-0.281 for dequantize + cuBLAS). At M = 128 it lost
+# to that on 14336x4096 (0.100 vs 0.080 ms). Below MIN_M the FMA kernel (gemv.py) is faster.
 MIN_M = 2
 MAX_M = 64
 
