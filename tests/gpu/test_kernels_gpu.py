@@ -11,6 +11,12 @@ from nf4 import ops
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not ops.HAS_TRITON, reason="needs CUDA and Triton")
 
 
+def _qargs(q: nf4.QuantizedTensor) -> tuple:
+    """The kernels' leading arguments for q, its double-quant offset (if any) as a device tensor."""
+    offset = None if q.nested_offset is None else torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda")
+    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, q.blocksize)
+
+
 def _poison() -> None:
     """Fill freed cached memory with NaN, so that an output the kernel fails to write shows up."""
     junk = torch.full((1 << 28,), float("nan"), device="cuda")
@@ -178,8 +184,7 @@ def test_gemv_configs(blocksize: int, cfg: tuple, dtype: torch.dtype, m: int) ->
     n, k = 1000, 4096
     q = ops.quantize(torch.randn(n, k, device="cuda"), blocksize=blocksize)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    offset = torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda")
-    qargs = (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, blocksize)
+    qargs = _qargs(q)
     config = kgemv.GemvConfig(
         block_n=block_n, nbk=max(1, 64 // (blocksize // 2)), num_warps=num_warps, split_k=split_k, prefetch=prefetch
     )
@@ -269,8 +274,7 @@ def test_mma_small_batches(quant_type: str, dtype: torch.dtype, double_quant: bo
 
     n, k, blocksize = nkb
     q = ops.quantize(torch.randn(n, k, device="cuda"), quant_type, blocksize, double_quant)
-    offset = torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda") if double_quant else None
-    qargs = (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, blocksize)
+    qargs = _qargs(q)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
     ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
@@ -303,8 +307,7 @@ def test_gemv_tcm_sizes_and_configs(dtype: torch.dtype, case: tuple, m: int, con
 
     n, k, blocksize, quant_type, double_quant = case
     q = ops.quantize(torch.randn(n, k, device="cuda"), quant_type, blocksize, double_quant)
-    offset = torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda") if double_quant else None
-    qargs = (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, blocksize)
+    qargs = _qargs(q)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
     cfg = config and kgemv_tcm.GemvTcmConfig(*config)
@@ -334,8 +337,7 @@ def test_gemv_tc_sizes_and_configs(dtype: torch.dtype, case: tuple, config: tupl
 
     n, k, blocksize, quant_type, double_quant = case
     q = ops.quantize(torch.randn(n, k, device="cuda"), quant_type, blocksize, double_quant)
-    offset = torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda") if double_quant else None
-    qargs = (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, blocksize)
+    qargs = _qargs(q)
     x = torch.randn(1, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
     _poison()
@@ -354,8 +356,7 @@ def test_matmul_sends_one_row_of_a_large_weight_to_the_tensor_core_decode() -> N
 
     n, k = 8192, kgemv_tc.MIN_PARAMS // 8192
     q = ops.quantize(torch.randn(n, k, device="cuda"))
-    offset = torch.tensor(q.nested_offset, dtype=torch.float32, device="cuda")
-    qargs = (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, 64)
+    qargs = _qargs(q)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     want = kgemv_tc.gemv_tc(x, *qargs, n, None)
     assert torch.equal(ops.matmul(x, q), want)

@@ -371,13 +371,9 @@ def _programs(device: torch.device, per_sm: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
 
 
-@functools.cache  # a decode step asks for the same few shapes every token (12 us of Python a call otherwise)
-def default_config(n: int, k: int, device: torch.device) -> GemvTcConfig:
-    """The split of K (at most 32 slices, at least 2 steps each) whose items fill the grid in whole rounds best:
-    28672x8192 gets 7 slices (1568 items, 3 rounds of 528 programs); a larger split only when it is 2% better."""
-    slots = _programs(device, PROGRAMS_PER_SM)
-    steps = -(-k // 256)
-    tiles = -(-n // BLOCK_N)
+def best_split(tiles: int, steps: int, slots: int) -> int:
+    """The split of K (at most 32 slices, at least 2 steps each) whose (row tile, slice) items fill ``slots``
+    programs in whole rounds best; a larger split only when it is 2% better."""
     best, split_k = 0.0, 1
     for split in range(1, 33):
         if split > 1 and -(-steps // split) < 2:
@@ -386,7 +382,13 @@ def default_config(n: int, k: int, device: torch.device) -> GemvTcConfig:
         fill = items / (-(-items // slots) * slots)
         if fill > best + 0.02:
             best, split_k = fill, split
-    return GemvTcConfig(split_k=split_k)
+    return split_k
+
+
+@functools.cache  # a decode step asks for the same few shapes every token (12 us of Python a call otherwise)
+def default_config(n: int, k: int, device: torch.device) -> GemvTcConfig:
+    """best_split over 256-element steps: 28672x8192 gets 7 slices (1568 items, 3 rounds of 528 programs)."""
+    return GemvTcConfig(split_k=best_split(-(-n // BLOCK_N), -(-k // 256), _programs(device, PROGRAMS_PER_SM)))
 
 
 def gemv_tc(

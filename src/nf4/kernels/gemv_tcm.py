@@ -38,7 +38,7 @@ from torch.library import wrap_triton
 from nf4.kernels.common import interpreted, round_to, sum_slices
 from nf4.kernels.common import load_absmax as _absmax
 from nf4.kernels.gemv import _load16
-from nf4.kernels.gemv_tc import _lookup4, _mma, _programs, _table
+from nf4.kernels.gemv_tc import _lookup4, _mma, _programs, _table, best_split
 
 BLOCK_N = 128  # rows of W a program (8 warps)
 MIN_M = 2
@@ -265,20 +265,9 @@ def _occupancy(m: int) -> tuple[int, int]:
 
 @functools.cache  # a decode step asks for the same few shapes every token
 def default_config(n: int, k: int, m: int, device: torch.device) -> GemvTcmConfig:
-    """The split of K (at most 32 slices, at least 2 steps each) whose items fill the grid in whole rounds best;
-    a larger split only when it is 2% better."""
+    """gemv_tc's best_split over 128-element steps, at the occupancy for m rows."""
     programs_per_sm, max_registers = _occupancy(m)
-    slots = _programs(device, programs_per_sm)
-    steps = -(-k // 128)
-    tiles = -(-n // BLOCK_N)
-    best, split_k = 0.0, 1
-    for split in range(1, 33):
-        if split > 1 and -(-steps // split) < 2:
-            break
-        items = tiles * split
-        fill = items / (-(-items // slots) * slots)
-        if fill > best + 0.02:
-            best, split_k = fill, split
+    split_k = best_split(-(-n // BLOCK_N), -(-k // 128), _programs(device, programs_per_sm))
     return GemvTcmConfig(split_k, programs_per_sm, max_registers)
 
 
