@@ -297,56 +297,34 @@ TABLE_TOLERANCE = 6e-3
     [(28672, 8192, 64, "nf4", True), (8192, 28672, 64, "nf4", False), (4097, 4160, 64, "fp4", True),
      (11, 14336, 128, "int4", False), (1000, 4096, 256, "nf4", True)],
 )  # fmt: skip
-@pytest.mark.parametrize("m", [2, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 2, 8, 9, 16])
 @pytest.mark.parametrize("config", [None, (1,), (3, 1), (32,)], ids=["default", "split1", "split3-1sm", "split32"])
-def test_gemv_tcm_sizes_and_configs(dtype: torch.dtype, case: tuple, m: int, config: tuple | None) -> None:
-    # the small-batch table kernel (M = 2-16: one or two n8 mmas a k16, 64 or 80 registers), with gemv_tc's cases:
-    # 70B projections, a partial last step and odd N, fewer rows than a warp's 16, blocksizes 128 / 256, each level
-    # table; one slice, 3 slices on one program an SM, 32 slices; each row of the output checked
+def test_table_kernels_sizes_and_configs(dtype: torch.dtype, case: tuple, m: int, config: tuple | None) -> None:
+    # the tensor-core table kernels (inline PTX: the shared-memory table, the mma fragments; split-K partial sums):
+    # gemv_tc at M = 1, gemv_tcm at 2-16 (one or two n8 mmas a k16, 64 or 80 registers); on the 70B projections, a
+    # partial last step (K = 4160) and odd N, fewer rows than a warp's 16, blocksizes 128 / 256, each level table;
+    # one slice, 3 slices on one program an SM (many items a program), 32 slices; each row of the output checked
+    from nf4.kernels import gemv_tc as kgemv_tc
     from nf4.kernels import gemv_tcm as kgemv_tcm
 
+    kernel, make_config = (
+        (kgemv_tc.gemv_tc, kgemv_tc.GemvTcConfig) if m == 1 else (kgemv_tcm.gemv_tcm, kgemv_tcm.GemvTcmConfig)
+    )
     n, k, blocksize, quant_type, double_quant = case
     q = ops.quantize(torch.randn(n, k, device="cuda"), quant_type, blocksize, double_quant)
     qargs = _qargs(q)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
-    cfg = config and kgemv_tcm.GemvTcmConfig(*config)
+    cfg = config and make_config(*config)
     _poison()
-    out = kgemv_tcm.gemv_tcm(x, *qargs, n, bias, cfg)
+    out = kernel(x, *qargs, n, bias, cfg)
     ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
     rel = ((out.double() - ref).norm() / ref.norm()).item()
     worst_row = ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()  # a row of x lost shows here
     assert out.dtype == dtype and out.shape == (m, n) and rel < TABLE_TOLERANCE and worst_row < 2e-2
-    assert torch.equal(kgemv_tcm.gemv_tcm(x, *qargs, n, bias, cfg), out)  # the slices summed in the same order
-    if kgemv_tcm.supported(x, k, blocksize) and config is None:
-        assert torch.equal(ops.matmul(x, q, bias), out)  # ops' choice in eager mode
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(
-    "case",
-    [(28672, 8192, 64, "nf4", True), (8192, 28672, 64, "nf4", False), (4097, 4160, 64, "fp4", True),
-     (11, 14336, 128, "int4", False), (1000, 4096, 256, "nf4", True)],
-)  # fmt: skip
-@pytest.mark.parametrize("config", [None, (1, 4), (3, 1), (32, 2)], ids=["default", "split1", "split3-1sm", "split32"])
-def test_gemv_tc_sizes_and_configs(dtype: torch.dtype, case: tuple, config: tuple | None) -> None:
-    # the tensor-core decode kernel (inline PTX: the shared-memory table, the mma fragments; split-K partial sums) on
-    # the 70B projections, a partial last step (K = 4160) and odd N, fewer rows than a warp's 16, blocksizes 128 /
-    # 256, each level table; one slice, 3 slices on one program an SM (many items a program), 32 slices
-    from nf4.kernels import gemv_tc as kgemv_tc
-
-    n, k, blocksize, quant_type, double_quant = case
-    q = ops.quantize(torch.randn(n, k, device="cuda"), quant_type, blocksize, double_quant)
-    qargs = _qargs(q)
-    x = torch.randn(1, k, device="cuda", dtype=dtype)
-    bias = torch.randn(n, device="cuda", dtype=dtype)
-    _poison()
-    out = kgemv_tc.gemv_tc(x, *qargs, n, bias, config and kgemv_tc.GemvTcConfig(*config))
-    ref = x.double() @ ops.dequantize(q, dtype).double().T + bias.double()
-    rel = ((out.double() - ref).norm() / ref.norm()).item()
-    assert out.dtype == dtype and out.shape == (1, n) and rel < TABLE_TOLERANCE
-    again = kgemv_tc.gemv_tc(x, *qargs, n, bias, config and kgemv_tc.GemvTcConfig(*config))
-    assert torch.equal(again, out)  # the slices summed in the same order
+    assert torch.equal(kernel(x, *qargs, n, bias, cfg), out)  # the slices summed in the same order
+    if m > 1 and config is None:
+        assert torch.equal(ops.matmul(x, q, bias), out)  # ops' choice in eager mode (M = 1: the test below)
 
 
 def test_matmul_sends_one_row_of_a_large_weight_to_the_tensor_core_decode() -> None:
