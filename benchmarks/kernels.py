@@ -3,7 +3,8 @@
 Usage: python benchmarks/kernels.py [--out DIR] [--shapes A,B]. Prints one JSON line per measurement, a table
 last, and writes kernels.json to DIR. Medians of CUDA-event timings (triton.testing.do_bench); M <= 128, dequantize
 and the quantize kernels replayed under a CUDA graph, where launch gaps vanish (the quantize op itself reads its
-offset on the host, so it is timed eagerly). Last, the linear layers of an 8B decode step at batch 1 and 16.
+offset on the host, so it is timed eagerly). Last, the linear layers of an 8B decode step at batch 1, 4 and 16, as
+the checkpoint has them (7 matmuls a layer) and with q/k/v and gate/up fused (4).
 benchmarks/kernels_sweep.py times the kernels' tile configurations.
 """
 
@@ -13,6 +14,7 @@ import argparse
 import gc
 import json
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -29,6 +31,7 @@ SHAPES = {
 }  # fmt: skip
 MS = (1, 2, 4, 8, 16, 32, 128, 2048, 8192)
 LLAMA8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+LLAMA8B_FUSED = [(0, 1, 2), (3,), (4, 5), (6,)]  # q/k/v, o, gate/up, down
 RESULTS: list[dict] = []
 
 
@@ -85,8 +88,8 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
-    decode_step(1)
-    decode_step(16)
+    for batch in (1, 4, 16):
+        decode_step(batch)
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
     summary()
@@ -193,36 +196,44 @@ def bench_matmul(name: str, m: int, w: torch.Tensor, q: nf4.QuantizedTensor, bnb
 
 
 def decode_step(batch: int = 1) -> None:
-    """All linear layers of one Llama-8B-shaped decode step (32 layers, ``batch`` sequences), CUDA-graph timed."""
+    """All linear layers of one Llama-8B-shaped decode step (32 layers, ``batch`` sequences), CUDA-graph timed:
+    7 matmuls a layer as the checkpoint has them, and 4 with q/k/v and gate/up fused (``nf4.concat`` of the
+    quantized layers, as ``nf4.fuse_projections`` does; bf16 from the concatenated weights)."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
     torch.manual_seed(0)
-    weights, ours, theirs = [], [], []
+    weights, ours, theirs, weights_fused, ours_fused = [], [], [], [], []
     for _ in range(32):
+        layer = []
         for n, k in LLAMA8B_LAYER:
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            ours.append(ops.quantize(w))
+            layer.append((w, ops.quantize(w)))
             theirs.append(bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True))
-            weights.append(w)
+        weights += [w for w, _ in layer]
+        ours += [q for _, q in layer]
+        for group in LLAMA8B_FUSED:
+            weights_fused.append(torch.cat([layer[i][0] for i in group]))
+            ours_fused.append(nf4.concat([layer[i][1] for i in group]))
     xs = {k: torch.randn(batch, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
 
-    def step_bf16() -> None:
-        for w in weights:
-            xs[w.shape[1]] @ w.T
+    def bf16_step(ws: list[torch.Tensor]) -> Callable[[], None]:
+        return lambda: [xs[w.shape[1]] @ w.T for w in ws]
 
-    offsets = [offset_tensor(q) for q in ours]
-
-    def step_ours() -> None:
-        for q, off in zip(ours, offsets, strict=True):
-            ops.matmul(xs[q.shape[1]], q, offset=off)
+    def our_step(qs: list[nf4.QuantizedTensor]) -> Callable[[], None]:
+        offsets = [offset_tensor(q) for q in qs]
+        return lambda: [ops.matmul(xs[q.shape[1]], q, offset=off) for q, off in zip(qs, offsets, strict=True)]
 
     def step_bnb() -> None:
         for bq, st in theirs:
             bnb.matmul_4bit(xs[st.shape[1]], bq.t(), st)
 
+    steps = {
+        "bf16": bf16_step(weights), "ours": our_step(ours), "bnb": step_bnb,
+        "bf16_fused": bf16_step(weights_fused), "ours_fused": our_step(ours_fused),
+    }  # fmt: skip
     times = {}
-    for label, fn in (("bf16", step_bf16), ("ours", step_ours), ("bnb", step_bnb)):
+    for label, fn in steps.items():
         g = torch.cuda.CUDAGraph()
         fn()
         torch.cuda.synchronize()
@@ -236,6 +247,8 @@ def decode_step(batch: int = 1) -> None:
         **{f"{k}_tok_s": round(1000 * batch / v, 1) for k, v in times.items()},
         ours_speedup_vs_bf16=round(times["bf16"] / times["ours"], 2),
         bnb_speedup_vs_bf16=round(times["bf16"] / times["bnb"], 2),
+        ours_fused_speedup_vs_bf16=round(times["bf16"] / times["ours_fused"], 2),
+        ours_fused_speedup_vs_bf16_fused=round(times["bf16_fused"] / times["ours_fused"], 2),
     )
 
 

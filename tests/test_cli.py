@@ -104,6 +104,19 @@ def test_generate_uses_the_models_tokenizer(capsys, smollm_ckpt):
     assert code == 0
     result = json.loads(out)
     assert result["new_tokens"] == 3 and result["text"].strip() and result["tokens_per_s"] > 0
+    assert result["fused_groups"] == 0
+
+
+def test_generate_fused_says_what_the_unfused_model_says(capsys, smollm_ckpt):
+    argv = ["generate", str(smollm_ckpt[0]), "--prompt", "Name a primary colour.", "--max-new-tokens", "8", "--json"]
+    texts = {}
+    for extra in ((), ("--fuse",)):
+        code, out, _ = _run(capsys, *argv, *extra)
+        assert code == 0
+        result = json.loads(out)
+        texts[extra] = result["text"]
+    assert result["fused_groups"] == 60  # q/k/v and gate/up in each of SmolLM2's 30 layers
+    assert texts[("--fuse",)] == texts[()]  # greedy: the re-encoded absmax do not change the tokens
 
 
 # ----------------------------------------------------------------------------------------- bad input

@@ -315,3 +315,52 @@ def _with_json(sd: dict[str, torch.Tensor], **changes) -> dict[str, torch.Tensor
 def test_from_state_dict_rejects_bad_state(mutate, message):
     with pytest.raises(FormatError, match=message):
         QuantizedTensor.from_state_dict(mutate(_sd()), prefix="w")
+
+
+# ----------------------------------------------------------------------------------------------- concat
+
+
+def _parts(double_quant: bool, quant_type: str = "nf4") -> list[QuantizedTensor]:
+    torch.manual_seed(0)
+    shapes, scales = [(64, 192), (16, 192), (40, 192)], [1.0, 30.0, 0.01]  # offsets far apart
+    return [nf4.quantize(torch.randn(s) * c, quant_type, 64, double_quant) for s, c in zip(shapes, scales, strict=True)]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_concat_without_double_quant_is_exact(quant_type):
+    parts = _parts(False, quant_type)
+    fused = nf4.concat(parts)
+    assert fused.shape == (120, 192) and fused.quant_type == quant_type
+    assert torch.equal(nf4.dequantize(fused), torch.cat([nf4.dequantize(q) for q in parts]))
+
+
+def test_concat_with_double_quant_keeps_codes_and_moves_absmax_by_half_a_step():
+    parts = _parts(True)
+    fused = nf4.concat(parts)
+    assert fused.double_quant and fused.absmax.dtype == torch.uint8
+    assert torch.equal(fused.data, torch.cat([q.data for q in parts]))
+    want = torch.cat([q.absmax_fp32() for q in parts])
+    got = fused.absmax_fp32()
+    # half the widest gap of the 8-bit map, in each 256-block's scale (+ fp32 rounding)
+    gap = fused.nested_quant_map.sort().values.diff().max()
+    bound = (fused.nested_absmax * gap / 2).repeat_interleave(256)[: got.numel()] * (1 + 1e-5)
+    assert ((got - want).abs() <= bound).all()
+    assert not torch.equal(got, want)  # three offsets became one: re-encoded, not copied
+    assert nf4.concat(parts[:1]) is parts[0]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: [], "at least one"),
+        (lambda p: [p[0], nf4.quantize(torch.randn(8, 128), double_quant=True)], "with 192 columns"),
+        (lambda p: [p[0], nf4.quantize(torch.randn(192))], "2-D"),
+        (lambda p: [p[0], nf4.quantize(torch.randn(3, 192), blocksize=128)], "ends inside a block"),
+        (lambda p: [p[0], nf4.quantize(torch.randn(8, 192), double_quant=False)], "double_quant"),
+        (lambda p: [p[0], nf4.quantize(torch.randn(8, 192), "fp4")], "quant_type"),
+        (lambda p: [p[0], nf4.quantize(torch.randn(8, 192).half())], "dtype"),
+    ],
+)
+def test_concat_rejects_parts_that_do_not_stack(make, message):
+    with pytest.raises(ValueError, match=message):
+        nf4.concat(make(_parts(True)))

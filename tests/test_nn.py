@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nf4
-from nf4.nn import LinearNF4, quantize_model
+from nf4.nn import FusedLinearNF4, FusedPart, LinearNF4, fuse_projections, quantize_model
 
 BNB_KEYS = [
     "weight",
@@ -142,3 +142,82 @@ def test_minilm_real_weights_equal_the_dequantized_model():
     ids = torch.tensor([[101, 7592, 1010, 2088, 999, 102]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).last_hidden_state, ref(ids).last_hidden_state, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- fused projections
+
+
+def _siblings(double_quant: bool = False) -> list[LinearNF4]:
+    torch.manual_seed(0)
+    shapes = [(128, 64, True), (32, 64, False), (96, 64, True)]  # a layer without bias gets zeros
+    return [LinearNF4.from_linear(nn.Linear(k, n, bias=b), double_quant=double_quant) for n, k, b in shapes]
+
+
+def test_fused_linear_equals_its_layers_and_hands_each_part_once():
+    layers = _siblings()
+    fused = FusedLinearNF4(layers)
+    assert fused.sizes == [128, 32, 96] and fused.out_features == 256
+    x = torch.randn(3, 5, 64)
+    want = [layer(x) for layer in layers]
+    torch.testing.assert_close(fused(x), torch.cat(want, -1), rtol=0, atol=1e-5)
+    parts = [FusedPart(fused, i) for i in range(3)]
+    for order in ([0, 1, 2], [2, 0, 1], [1, 1, 0, 2]):  # any order; a part asked twice runs the matmul again
+        for i in order:
+            torch.testing.assert_close(parts[i](x), want[i], rtol=0, atol=1e-5)
+        assert fused._input is None and fused._outputs == ()  # nothing held once every part has been taken
+    y = torch.randn(2, 64)
+    assert torch.equal(parts[0](x), fused(x)[..., :128])
+    torch.testing.assert_close(parts[1](y), layers[1](y), rtol=0, atol=1e-5)  # a new input: computed for it
+
+
+def test_fused_linear_rejects_what_cannot_share_a_matmul():
+    layers = _siblings()
+    with pytest.raises(ValueError, match="columns"):
+        FusedLinearNF4([layers[0], LinearNF4(32, 8, double_quant=False)])
+    with pytest.raises(ValueError, match="computes in"):
+        FusedLinearNF4([layers[0], LinearNF4(64, 8, double_quant=False, compute_dtype=torch.bfloat16)])
+    with pytest.raises(TypeError, match="only plain LinearNF4"):
+        FusedLinearNF4([layers[0], FusedLinearNF4(layers[1:])])
+
+
+def _tiny_llama(double_quant: bool = True) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    return quantize_model(transformers.LlamaForCausalLM(config).eval(), double_quant=double_quant)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fuse_projections_runs_a_llama_unchanged(double_quant):
+    model = _tiny_llama(double_quant)
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert fuse_projections(model) == 4  # q/k/v and gate/up in each of 2 layers
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert isinstance(attn.q_proj, FusedPart) and attn.qkv_proj.sizes == [128, 64, 64]
+    assert isinstance(mlp.up_proj, FusedPart) and mlp.gate_up_proj.sizes == [320, 320]
+    assert "model.layers.0.self_attn.qkv_proj.weight" in model.state_dict()
+    assert not any(".q_proj." in k for k in model.state_dict())
+    with torch.no_grad():
+        got = model(ids).logits
+    # without double quant the weights are the same; with it, absmax re-encoded once (half an 8-bit step)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 if not double_quant else 1e-2 * want.abs().max().item())
+    assert fuse_projections(model) == 0  # nothing left to fuse
+
+
+def test_fused_llama_layer_compiles_fullgraph():
+    model = _tiny_llama()
+    fuse_projections(model)
+    layer = model.model.layers[1]
+    x = torch.randn(1, 3, 128)
+    pe = model.model.rotary_emb(x, torch.arange(3)[None])
+    with torch.no_grad():
+        want = layer(x, position_embeddings=pe)
+        got = torch.compile(layer, fullgraph=True)(x, position_embeddings=pe)
+    want, got = (t[0] if isinstance(t, tuple) else t for t in (want, got))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert layer.self_attn.qkv_proj._input is None  # the compiled step left nothing held

@@ -2,7 +2,7 @@
 
     nf4 quantize [SRC] OUT [--quant-type nf4|fp4|nf4-search] [--blocksize 64] [--no-double-quant] [--skip lm_head]
     nf4 inspect CKPT
-    nf4 generate CKPT --prompt "..." [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--adapter DIR]
+    nf4 generate CKPT --prompt "..." [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--adapter DIR] [--fuse]
     nf4 finetune [MODEL] [DATA...] --out DIR [--steps N] [--resume] [--demo]   (QLoRA; see docs/QLORA.md)
     torchrun --nproc-per-node N -m nf4.cli finetune [MODEL] [DATA...] --out DIR --fsdp   (see docs/FSDP.md)
     nf4 merge BASE ADAPTER OUT [--dtype bf16 | --requantize]
@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-from nf4 import checkpoint, evaluate
+from nf4 import checkpoint, evaluate, nn
 from nf4.format import BLOCKSIZES, FormatError
 
 T = TypeVar("T")
@@ -90,6 +90,7 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
         from nf4 import lora
 
         lora.load_adapter(model, args.adapter)
+    fused = nn.fuse_projections(model) if args.fuse else 0
     tokenizer = checkpoint.load_tokenizer(args.ckpt)
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": args.prompt}]
@@ -115,6 +116,7 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
         "new_tokens": int(new.numel()),
         "seconds": round(seconds, 3),
         "tokens_per_s": round(new.numel() / seconds, 2),
+        "fused_groups": fused,
     }
 
 
@@ -194,6 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--adapter", help="a LoRA adapter folder (PEFT format, e.g. from nf4 finetune) to apply")
+    g.add_argument(
+        "--fuse",
+        action="store_true",
+        help="one matmul for q/k/v and one for gate/up: fewer launches (double-quant absmax re-encoded once)",
+    )
     _finetune_parsers(sub, common)
     evaluate.add_arguments(sub.add_parser("eval", help="4-bit formats side by side: perplexity, weight error, plots"))
     return parser

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from importlib.resources import files
 
@@ -385,6 +386,46 @@ def double_quantize(q: QuantizedTensor) -> QuantizedTensor:
     encode = cpu.encode_8bit if cpu.usable(y, cpu.ENCODE_8BIT_MIN_ELEMENTS) else _encode_8bit
     codes = encode(y, dyn).view(-1)[:nb]
     return replace(q, absmax=codes, nested_absmax=nested_absmax, nested_quant_map=dyn, nested_offset=offset.item())
+
+
+def concat(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
+    """Stack 2-D quantized weights by rows, ``[N_i, K] -> [sum N_i, K]``: one matmul for layers that read the
+    same input (q/k/v, gate/up), one launch instead of several at decode.
+
+    The codes are the parts' bytes. Without double quant so is absmax, and the result dequantizes to the parts'
+    values exactly. With it, one offset must serve all parts: their absmax, each decoded with its own offset, are
+    double-quantized again, so the codes stay and each absmax moves by at most half a step of the 8-bit map.
+    """
+    if not parts:
+        raise ValueError("concat needs at least one quantized tensor")
+    first = parts[0]
+    for i, q in enumerate(parts):
+        if len(q.shape) != 2 or q.shape[1] != first.shape[1]:
+            raise ValueError(
+                f"part {i} has shape {tuple(q.shape)}; every part must be 2-D with {first.shape[1]} columns"
+            )
+        if q.numel() % q.blocksize:
+            raise ValueError(
+                f"part {i} ({tuple(q.shape)}) ends inside a block of {q.blocksize}: a block would span two parts"
+            )
+        same = (q.quant_type, q.blocksize, q.dtype, q.double_quant, q.device)
+        want = (first.quant_type, first.blocksize, first.dtype, first.double_quant, first.device)
+        if same != want:
+            raise ValueError(f"part {i} has (quant_type, blocksize, dtype, double_quant, device) {same}, part 0 {want}")
+        if not torch.equal(q.quant_map, first.quant_map):
+            raise ValueError(f"part {i} has another code table than part 0")
+    if len(parts) == 1:
+        return first
+    fused = QuantizedTensor(
+        data=torch.cat([q.data for q in parts]),
+        absmax=torch.cat([q.absmax_fp32() for q in parts]),
+        quant_map=first.quant_map,
+        quant_type=first.quant_type,
+        blocksize=first.blocksize,
+        shape=torch.Size((sum(q.shape[0] for q in parts), first.shape[1])),
+        dtype=first.dtype,
+    )
+    return double_quantize(fused) if first.double_quant else fused
 
 
 # ------------------------------------------------------------------------------------------- dequantize

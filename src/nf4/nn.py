@@ -18,7 +18,7 @@ instead of one per offset value.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -266,3 +266,106 @@ def quantize_model(
         layer = LinearNF4.from_linear(getattr(parent, child), quant_type, blocksize, double_quant, compute_dtype)
         setattr(parent, child, layer)
     return model
+
+
+class FusedLinearNF4(LinearNF4):
+    """Several ``LinearNF4`` that read the same input, as one: their weights stacked by rows (``format.concat``),
+    one matmul for all, then split. At decode each matmul is a launch of a few microseconds on a GPU, so
+    q/k/v and gate/up fused cut an 8B Llama step from 7 launches a layer to 4 (docs/BENCHMARKS.md).
+
+    ``forward`` returns the outputs side by side; ``part(x, i)`` returns one of them, computing the fused
+    matmul once per input tensor and handing the other parts over as their layers ask for them (``FusedPart``).
+    """
+
+    def __init__(self, layers: Sequence[LinearNF4]) -> None:
+        first = layers[0]
+        for i, layer in enumerate(layers):
+            if type(layer) is not LinearNF4:
+                raise TypeError(f"layer {i} is a {type(layer).__name__}; only plain LinearNF4 layers fuse")
+            if layer.compute_dtype != first.compute_dtype:
+                raise ValueError(f"layer {i} computes in {layer.compute_dtype}, layer 0 in {first.compute_dtype}")
+        q = fmt.concat([layer.qweight for layer in layers])
+        has_bias = any(layer.bias is not None for layer in layers)
+        super().__init__(q.shape[1], q.shape[0], has_bias, "meta", q.dtype, compute_dtype=first.compute_dtype)
+        self.set_weight(q)
+        if has_bias:  # a layer without one adds zeros
+            biases = [
+                layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features, device=q.device)
+                for layer in layers
+            ]
+            self.bias = nn.Parameter(torch.cat([b.to(q.dtype) for b in biases]), requires_grad=False)
+        self.sizes = [layer.out_features for layer in layers]
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
+        self._waiting: set[int] = set()
+
+    def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Layer i's output for x. A new input (or a part asked for twice) runs the fused matmul; the outputs
+        are dropped once every part has taken its own, so no activation outlives the step."""
+        if x is not self._input or i not in self._waiting:
+            self._outputs = self(x).split(self.sizes, dim=-1)
+            self._input, self._waiting = x, set(range(len(self.sizes)))
+        self._waiting.discard(i)
+        out = self._outputs[i]
+        if not self._waiting:
+            self._input, self._outputs = None, ()
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sizes={self.sizes}"
+
+
+class FusedPart(nn.Module):
+    """Stands where one of the fused layers stood; its output is that layer's slice of the fused matmul."""
+
+    def __init__(self, fused: FusedLinearNF4, index: int) -> None:
+        super().__init__()
+        self.__dict__["fused"] = fused  # not a submodule: the fused layer is registered once, on the parent
+        self.index = index
+        self.in_features, self.out_features = fused.in_features, fused.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.part(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"part {self.index} of the fused layer, out_features={self.out_features}"
+
+
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _fused_name(names: Sequence[str]) -> str:
+    """q_proj, k_proj, v_proj -> qkv_proj; gate_proj, up_proj -> gate_up_proj (vLLM's and Phi-3's names)."""
+    if all(n.endswith("_proj") for n in names):
+        heads = [n.removesuffix("_proj") for n in names]
+        return ("" if all(len(h) == 1 for h in heads) else "_").join(heads) + "_proj"
+    return "fused_" + "_".join(names)
+
+
+def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = PROJECTION_GROUPS) -> int:
+    """Fuse, in place, each group of sibling ``LinearNF4`` layers that read the same input (by default Llama's
+    q/k/v and gate/up projections) into one ``FusedLinearNF4`` (registered on their parent as e.g. ``qkv_proj``);
+    ``FusedPart`` modules take the layers' places, so the model's own forward runs unchanged.
+
+    For running a model: its state dict then has the fused layers' keys. A group whose layers are not all plain
+    ``LinearNF4`` (LoRA-wrapped, kept in float) or differ in input size or format is left as it is.
+
+    Returns:
+        How many groups were fused.
+    """
+    groups = [tuple(g) for g in groups]
+    fused = 0
+    for parent in list(model.modules()):
+        for names in groups:
+            layers = [getattr(parent, n, None) for n in names]
+            if not all(type(m) is LinearNF4 for m in layers):
+                continue
+            try:
+                layer = FusedLinearNF4(layers)
+            except ValueError:  # different inputs or formats: these layers stay apart
+                continue
+            parent.add_module(_fused_name(names), layer)
+            for i, name in enumerate(names):
+                setattr(parent, name, FusedPart(layer, i))
+            fused += 1
+    return fused

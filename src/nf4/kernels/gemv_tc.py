@@ -55,9 +55,10 @@ from nf4.kernels.gemv import _load16
 BLOCK_N = 128
 PROGRAMS_PER_SM = 4
 MAX_REGISTERS = 64
-# Weights from which ops sends M = 1 here: the 70B projections and the 8B MLPs (7-23% faster than gemv.py, 2% on
-# 4096x14336); 4096x4096 and smaller stay on gemv.py.
-MIN_PARAMS = 1 << 25
+# Weights from which ops sends M = 1 here: the 70B projections, the 8B MLPs (7-23% faster than gemv.py, 2% on
+# 4096x14336) and the 8B's fused q/k/v, 6144x4096 (0.0105 ms against 0.0136, fifteenth session); 4096x4096 (3%
+# slower here) and smaller stay on gemv.py.
+MIN_PARAMS = 5 << 22
 
 
 @dataclass(frozen=True)
