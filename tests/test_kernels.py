@@ -378,3 +378,17 @@ def test_gemm_any_shape() -> None:
     x = torch.randn(4, k)
     out = kgemm.gemm(x, *_qargs(q), n, None)
     torch.testing.assert_close(out, x @ format.dequantize(q).T)
+
+
+def test_table_kernels_run_through_an_opaque_op_under_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.compile reaches the table kernels through nf4::matmul_table, which Inductor calls as it is (it would
+    # drop their register cap): fullgraph compiles, the fake gives the shape, the values are the kernels' own
+    monkeypatch.setattr(kgemv_tc, "MIN_PARAMS", 0)  # one row of a small weight, here
+    q = format.quantize(torch.randn(48, 256))
+    qargs = (*_qargs(q), 48, None)
+    for m, kernel in ((1, kgemv_tc.gemv_tc), (3, kgemv_tcm.gemv_tcm)):
+        x = torch.randn(m, 256, dtype=torch.bfloat16)
+        compiled = torch.compile(lambda x: torch.ops.nf4.matmul_table(x, *qargs) * 2, fullgraph=True)
+        assert torch.equal(compiled(x), kernel(x, *qargs) * 2)
+    with pytest.raises(AssertionError):  # fp32 x has no table kernel: ops never sends it here
+        torch.ops.nf4.matmul_table(torch.randn(3, 256), *qargs)

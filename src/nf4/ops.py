@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -134,23 +135,63 @@ def _matmul_impl(
 
 def _matmul_cuda(x: torch.Tensor, qargs: tuple) -> torch.Tensor:
     """The fastest kernel for x's rows (H200 sweeps, docs/BENCHMARKS.md): for one row the tensor-core decode kernel
-    on the largest weights, the FMA kernel otherwise (fp32 x: up to 4 rows); for 2-16 rows (bf16/fp16) the
-    table-lookup tensor-core kernel, for up to 64 the byte-permute one; dequantize + cuBLAS beyond, for no rows and
-    partial-block rows. Under torch.compile the two table kernels give way (one row to the FMA kernel, 2-16 to the
-    byte-permute one): their register cap is a launch option that dynamo does not pass through."""
+    on weights of at least gemv_tc.MIN_PARAMS, the FMA kernel otherwise (fp32 x: up to 4 rows); for 2-16 rows
+    (bf16/fp16) the table-lookup tensor-core kernel, for up to 64 the byte-permute one; dequantize + cuBLAS beyond,
+    for no rows and partial-block rows."""
     m, k = x.shape
     blocksize = qargs[6]
     if m == 0 or not _kgemv.supported(k, blocksize):
         return _kgemm.gemm(x, *qargs)
-    if _kgemv_tcm.supported(x, k, blocksize) and not _kcommon.tracing():
-        return _kgemv_tcm.gemv_tcm(x, *qargs)
+    table = _table_kernel(x, blocksize, qargs[7])
+    if table is not None:
+        return torch.ops.nf4.matmul_table(x, *qargs) if _kcommon.tracing() else table(x, *qargs)
     if _kmma.MIN_M <= m <= _kmma.MAX_M and _kmma.supported(x, k, blocksize):
         return _kmma.mma(x, *qargs)
-    if _kgemv_tc.supported(x, k, blocksize) and qargs[7] * k >= _kgemv_tc.MIN_PARAMS and not _kcommon.tracing():
-        return _kgemv_tc.gemv_tc(x, *qargs)
     if m <= _kgemv.MAX_M:
         return _kgemv.gemv(x, *qargs)
     return _kgemm.gemm(x, *qargs)
+
+
+def _table_kernel(x: torch.Tensor, blocksize: int, out_features: int) -> Callable[..., torch.Tensor] | None:
+    """The table kernel that takes x, if one does: gemv_tcm for 2-16 rows, gemv_tc for one row of a large weight."""
+    k = x.shape[1]
+    if _kgemv_tcm.supported(x, k, blocksize):
+        return _kgemv_tcm.gemv_tcm
+    if _kgemv_tc.supported(x, k, blocksize) and out_features * k >= _kgemv_tc.MIN_PARAMS:
+        return _kgemv_tc.gemv_tc
+    return None
+
+
+def _matmul_table_impl(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_quant_map: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
+    blocksize: int,
+    out_features: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The table kernels behind an op that torch.compile does not trace into: each needs a register cap at launch
+    (64 or 80, so that 3-4 programs share an SM), a launch option Inductor drops from the kernels it launches
+    itself (``config_to_dict`` keeps num_warps and num_stages only). Inductor calls this op as it is, so compiled
+    code, CUDA-graphed or not, runs the same kernels as eager mode."""
+    table = _table_kernel(x, blocksize, out_features)
+    assert table is not None, (x.shape, x.dtype, blocksize, out_features)
+    with set_wrap_triton_enabled(False):  # launched at run time, never traced
+        return table(x, data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
+                     out_features, bias)  # fmt: skip
+
+
+if HAS_TRITON:
+    _matmul_table_op = torch.library.custom_op("nf4::matmul_table", mutates_args=())(_matmul_table_impl)
+
+    @_matmul_table_op.register_fake
+    def _(x: torch.Tensor, data: torch.Tensor, *state: object) -> torch.Tensor:
+        out_features = state[6]  # after absmax, the maps, nested absmax and offset, blocksize
+        return x.new_empty((x.shape[0], out_features))
 
 
 _matmul_op = _op("nf4::matmul", mutates_args=())(_matmul_impl)

@@ -121,8 +121,10 @@ def test_matmul_input_gradient() -> None:
 def test_compile_fullgraph(mnk: tuple) -> None:
     # M = 1: the FMA kernel with x by plain loads (torch.compile's write analysis rejects inline PTX that takes a
     # pointer), split-K with fresh counters after eager calls made the cached ones (a real tensor in a fake trace
-    # failed), and on a weight eager mode sends to the tensor-core decode kernel; M = 4, 16: the byte-permute
-    # kernel, where eager mode takes the table one
+    # failed); one row of a weight of at least MIN_PARAMS and M = 4, 16: the table kernels, through the opaque
+    # nf4::matmul_table, so the same kernels as eager mode and the same bits
+    from nf4.kernels import gemv_tc as kgemv_tc
+
     m, n, k = mnk
     q = ops.quantize(torch.randn(n, k, device="cuda"))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -131,6 +133,8 @@ def test_compile_fullgraph(mnk: tuple) -> None:
     ref = x.double() @ ops.dequantize(q, torch.bfloat16).double().T
     assert ((compiled.double() - ref).norm() / ref.norm()).item() < 4e-3
     assert ((compiled.double() - eager.double()).norm() / ref.norm()).item() < 4e-3
+    if m > 1 or n * k >= kgemv_tc.MIN_PARAMS:
+        assert torch.equal(compiled, eager)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

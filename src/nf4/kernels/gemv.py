@@ -282,7 +282,7 @@ def default_config(n: int, k: int, blocksize: int) -> GemvConfig:
 # Rows of x the kernel takes: it decodes W once and multiplies each row with fp32 FMAs, so its time grows
 # with M. On an H200 the seventh session's kernel beat dequantize + cuBLAS up to M = 4 (28672x8192: 0.20 ms vs
 # 0.28) and lost at M = 8 (0.36-0.39 ms vs 0.28); the tensor-core kernel (mma.py) beats it from M = 2 (0.111 ms
-# vs 0.133), so ops sends it M = 1 in bf16/fp16 (on weights below gemv_tc.MIN_PARAMS, and under torch.compile)
+# vs 0.133), so ops sends it M = 1 in bf16/fp16 on weights below gemv_tc.MIN_PARAMS
 # and fp32 x up to MAX_M rows. (This kernel takes 0.205 ms at M = 3 in fp32 on 28672x8192, spilling 16 bytes a
 # thread at 4 rows (benchmarks/sass.py); M = 5-8 were not timed with it.)
 MAX_M = 4

@@ -29,8 +29,8 @@ address), one shared-memory load (the pair), 1/8 of an mma.
 H200, one process, CUDA graphs (docs/BENCHMARKS_GPU.md, thirteenth session): 28672x8192 0.0588 ms against 0.0730
 for gemv.py, 8192x28672 0.0548 against 0.0713, 8192x8192 0.0216 against 0.0267, 14336x4096 0.0213 against 0.0229,
 4096x14336 0.0210 against 0.0211; slower on 4096x4096 (4-7%) and 1024x4096 (35%). ops sends M = 1 here for
-weights of at least MIN_PARAMS and not under torch.compile (dynamo does not pass the register cap, a launch option,
-through).
+weights of at least MIN_PARAMS; under torch.compile through ``nf4::matmul_table``, an op Inductor calls as it is
+(it would launch the kernel itself without the register cap, a launch option it drops).
 
 Under the interpreter the table lookup is a load of the pair computed from ``quant_map`` and the mma is an einsum
 over the warp's fragments (same operands, fp32 sums).

@@ -19,8 +19,8 @@ bound by those ALU instructions (tenth session's profile).
 H200, one process, CUDA graphs, against mma.py (docs/BENCHMARKS_GPU.md, fourteenth session): M = 2 on 28672x8192
 0.0734 ms against 0.1036 (bf16 0.1087), 8192x28672 0.0685 against 0.1019; M = 8 0.0851 / 0.0766 against
 0.1043 / 0.1028; M = 16 0.1087 / 0.1010 against 0.1051 / 0.1038. Faster than mma.py at M <= 8 on every Llama
-shape tried (4-33%), at M = 16 on 5 of 7 (2-10%; 3-5% slower on 28672x8192 and 1024x4096). ops sends M = 2-16 here
-except under torch.compile (the register cap is a launch option dynamo does not pass through).
+shape tried (4-33%), at M = 16 on 5 of 7 (2-10%; 3-5% slower on 28672x8192 and 1024x4096). ops sends M = 2-16 here,
+under torch.compile through ``nf4::matmul_table`` (as gemv_tc: the register cap).
 
 Under the interpreter the lookups and mmas are gemv_tc's CPU forms (a computed pair, an einsum over fragments).
 """

@@ -23,7 +23,7 @@ What the H200 sweeps taught (docs/BENCHMARKS_GPU.md):
   levels scaled before the dot (async wgmma) and a 256-entry byte-pair table were all slower.
 
 Needs K % blocksize == 0 and x in bf16 or fp16; other inputs take gemv.py or dequantize + cuBLAS (gemm.py).
-ops sends it 17-64 rows, and 2-16 where gemv_tcm.py does not take them (blocksize 32, under torch.compile):
+ops sends it 17-64 rows, and 2-16 where gemv_tcm.py does not take them (blocksize 32):
 gemv_tcm, gemv_tc's byte-pair table with rows of x as the mma's columns, is 4-33% faster at M = 2-8 and about as
 fast at 16. The same table in this kernel (one copy per lane, looked up by ``prmt``) was 12-25% slower than the
 register decode (fourteenth session).
