@@ -56,6 +56,35 @@ def test_gradient_reaches_the_input():
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_gradient_reaches_a_trainable_bias_and_nothing_is_recorded_without_one():
+    torch.manual_seed(0)
+    layer = LinearNF4.from_linear(nn.Linear(64, 8))
+    layer.bias.requires_grad_(False)
+    x = torch.randn(3, 64)
+    out = layer(x)  # no input or bias that wants a gradient: no autograd node (and none of its cost)
+    assert out.grad_fn is None and not out.requires_grad
+    layer.bias.requires_grad_(True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((8,), 3.0))
+
+
+def test_qweight_is_kept_until_its_buffers_change():
+    layer = LinearNF4(64, 16)
+    q = layer.qweight
+    assert layer.qweight is q  # built once, not per call
+    layer.to(torch.float16)  # the quant state stays fp32 and in place: same tensors, same view
+    assert layer.qweight is q
+    absmax = layer.weight_absmax.clone()
+    layer.weight_absmax = absmax  # a buffer replaced directly
+    assert layer.qweight is not q and layer.qweight.absmax is absmax
+    other = nf4.quantize(torch.randn(16, 64), blocksize=32)
+    layer.set_weight(other)
+    assert layer.qweight.blocksize == 32 and layer.qweight.data is other.data
+    state = LinearNF4(64, 16).state_dict()
+    layer.load_state_dict(state)
+    assert torch.equal(layer.qweight.data, state["weight"]) and layer.qweight.blocksize == 64
+
+
 def test_state_dict_has_bitsandbytes_keys_and_round_trips():
     torch.manual_seed(0)
     layer = LinearNF4.from_linear(nn.Linear(100, 30))

@@ -137,8 +137,18 @@ class LinearNF4(nn.Module):
 
     @property
     def qweight(self) -> QuantizedTensor:
-        """The weight as a ``QuantizedTensor`` (a view of the buffers: moves with the module)."""
-        return QuantizedTensor(
+        """The weight as a ``QuantizedTensor`` (a view of the buffers: moves with the module). Kept between calls
+        while the buffers are the same tensors (building it costs ~10 us, and a decode step asks hundreds of times)."""
+        compiling = torch.compiler.is_compiling()  # traced code builds it: no state written from a graph
+        cached = None if compiling else self.__dict__.get("_qweight")
+        buffers = self._buffers
+        if (
+            cached is not None
+            and cached.data is buffers["weight"]
+            and all(getattr(cached, f) is buffers[f"weight_{f}"] for f in _FIELDS)
+        ):
+            return cached
+        q = QuantizedTensor(
             data=self.weight,
             absmax=self.weight_absmax,
             quant_map=self.weight_quant_map,
@@ -150,6 +160,9 @@ class LinearNF4(nn.Module):
             nested_quant_map=self.weight_nested_quant_map,
             nested_offset=self.nested_offset,
         )
+        if not compiling:
+            self.__dict__["_qweight"] = q
+        return q
 
     def set_weight(self, q: QuantizedTensor) -> None:
         """Replace the weight (format, blocksize and double quant may change; the shape may not)."""
@@ -159,6 +172,7 @@ class LinearNF4(nn.Module):
         self.register_buffer("weight", q.data, persistent=False)
         for field in _FIELDS:
             self.register_buffer(f"weight_{field}", getattr(q, field), persistent=False)
+        self.__dict__.pop("_qweight", None)
         self.quant_type, self.blocksize, self.weight_dtype = q.quant_type, q.blocksize, q.dtype
         self.nested_offset = q.nested_offset
         dq = q.nested_offset is not None
@@ -167,8 +181,13 @@ class LinearNF4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute_dtype = self.compute_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
-        bias = None if self.bias is None else self.bias.to(compute_dtype)
-        return ops.matmul(x.to(compute_dtype), self.qweight, bias, self.weight_nested_offset).to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != compute_dtype:
+            bias = bias.to(compute_dtype)
+        # casts only where needed: each ``.to`` costs a few us even as a no-op, and a decode step makes hundreds
+        xc = x if x.dtype == compute_dtype else x.to(compute_dtype)
+        out = ops.matmul(xc, self.qweight, bias, self.weight_nested_offset)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LinearNF4:
         # Module.to(dtype) and .half() cast every floating buffer, but the quant state must stay fp32 (casting

@@ -324,15 +324,28 @@ def matmul(
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    if _eager():
+    if not _eager():
+        return torch.ops.nf4.matmul(x, *_qargs(q, offset), n, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _EagerMatmul.apply(x, q, bias, offset)
-    return torch.ops.nf4.matmul(x, *_qargs(q, offset), n, bias)
+    return _matmul_eager(x, q, bias, offset)  # nothing to record: skip the Function's ~15 us of bookkeeping a call
+
+
+def _matmul_eager(
+    x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None, offset: torch.Tensor | None
+) -> torch.Tensor:
+    """The op's own kernels (or the CPU paths), no dispatch; on the GPU ``offset`` as ``_offset`` makes it."""
+    if _on_gpu(x):
+        with set_wrap_triton_enabled(False):
+            return _matmul_impl(x, *_qargs(q, offset), q.shape[0], bias)
+    if native.matmul_usable(x, q):  # a few rows (generation): W read once as 4-bit, no float copy
+        return native.matmul(x, q, bias)
+    return F.linear(x, format.dequantize(q, x.dtype), bias)
 
 
 class _EagerMatmul(torch.autograd.Function):
-    """``x @ dequantize(W).T`` outside torch.compile: the op's own kernels (or format.py on CPU), no dispatch.
-    Backward dequantizes again rather than saving W, so no float copy of the base outlives a call (QLoRA keeps
-    only the 4-bit weight)."""
+    """``x @ dequantize(W).T`` outside torch.compile when a gradient is wanted. Backward dequantizes again rather
+    than saving W, so no float copy of the base outlives a call (QLoRA keeps only the 4-bit weight)."""
 
     @staticmethod
     def forward(
@@ -344,14 +357,8 @@ class _EagerMatmul(torch.autograd.Function):
     ) -> torch.Tensor:
         if _on_gpu(x):
             offset = _offset(q, offset)  # made once, for backward too
-            with set_wrap_triton_enabled(False):
-                out = _matmul_impl(x, *_qargs(q, offset), q.shape[0], bias)
-        elif native.matmul_usable(x, q):  # a few rows (generation): W read once as 4-bit, no float copy
-            out = native.matmul(x, q, bias)
-        else:
-            out = F.linear(x, format.dequantize(q, x.dtype), bias)
         ctx.q, ctx.offset = q, offset
-        return out
+        return _matmul_eager(x, q, bias, offset)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
