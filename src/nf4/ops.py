@@ -162,39 +162,25 @@ def _table_kernel(x: torch.Tensor, blocksize: int, out_features: int) -> Callabl
     return None
 
 
-def _matmul_table_impl(
-    x: torch.Tensor,
-    data: torch.Tensor,
-    absmax: torch.Tensor,
-    quant_map: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    nested_quant_map: torch.Tensor | None,
-    nested_offset: torch.Tensor | None,
-    blocksize: int,
-    out_features: int,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """The table kernels behind an op that torch.compile does not trace into: each needs a register cap at launch
-    (64 or 80, so that 3-4 programs share an SM), a launch option Inductor drops from the kernels it launches
-    itself (``config_to_dict`` keeps num_warps and num_stages only). Inductor calls this op as it is, so compiled
-    code, CUDA-graphed or not, runs the same kernels as eager mode."""
-    table = _table_kernel(x, blocksize, out_features)
-    assert table is not None, (x.shape, x.dtype, blocksize, out_features)
-    with set_wrap_triton_enabled(False):  # launched at run time, never traced
-        return table(x, data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
-                     out_features, bias)  # fmt: skip
-
+_matmul_op = _op("nf4::matmul", mutates_args=())(_matmul_impl)
 
 if HAS_TRITON:
-    _matmul_table_op = torch.library.custom_op("nf4::matmul_table", mutates_args=())(_matmul_table_impl)
+    # The table kernels behind an op that torch.compile does not trace into: each needs a register cap at launch
+    # (64 or 80, so that 3-4 programs share an SM), a launch option Inductor drops from the kernels it launches
+    # itself (``config_to_dict`` keeps num_warps and num_stages only). Inductor calls this op as it is, so compiled
+    # code, CUDA-graphed or not, runs the same kernels as eager mode. Its arguments are nf4::matmul's.
+    torch.library.define("nf4::matmul_table", str(torch.ops.nf4.matmul.default._schema).removeprefix("nf4::matmul"))
 
-    @_matmul_table_op.register_fake
-    def _(x: torch.Tensor, data: torch.Tensor, *state: object) -> torch.Tensor:
-        out_features = state[6]  # after absmax, the maps, nested absmax and offset, blocksize
-        return x.new_empty((x.shape[0], out_features))
+    @torch.library.impl("nf4::matmul_table", ("cpu", "cuda"))
+    def _matmul_table(x: torch.Tensor, *state: object) -> torch.Tensor:
+        table = _table_kernel(x, state[6], state[7])  # blocksize, out_features (after the weight's six tensors)
+        assert table is not None, (x.shape, x.dtype, state[6], state[7])
+        with set_wrap_triton_enabled(False):  # launched at run time, never traced
+            return table(x, *state)
 
-
-_matmul_op = _op("nf4::matmul", mutates_args=())(_matmul_impl)
+    @torch.library.register_fake("nf4::matmul_table")
+    def _(x: torch.Tensor, *state: object) -> torch.Tensor:
+        return x.new_empty((x.shape[0], state[7]))
 
 
 if not HAS_TRITON:  # custom_op needs its fake implementation named; the torch path is traceable
