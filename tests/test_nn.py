@@ -238,6 +238,14 @@ def test_fuse_projections_runs_a_llama_unchanged(double_quant):
     assert fuse_projections(model) == 0  # nothing left to fuse
 
 
+def test_a_fused_model_is_not_saved_in_a_layout_nothing_else_loads(tmp_path):
+    model = _tiny_llama()
+    fuse_projections(model)
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.qkv_proj .and 3 more. fuse several layers"):
+        nf4.save_pretrained(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_fused_llama_layer_compiles_fullgraph():
     model = _tiny_llama()
     fuse_projections(model)

@@ -33,7 +33,7 @@ from torch import nn
 
 from nf4.format import FormatError, QuantizedTensor, quantize
 from nf4.native import cache_dir
-from nf4.nn import LinearNF4, _matches
+from nf4.nn import FusedLinearNF4, LinearNF4, _matches
 from nf4.search import quantize_search
 
 MANIFEST = "nf4-manifest.json"
@@ -588,6 +588,12 @@ def has_tokenizer(src: str | os.PathLike | None = None) -> bool:
 def quantization_config(model: nn.Module) -> dict[str, Any]:
     """transformers' ``quantization_config`` for a model with LinearNF4 layers (float Linear layers skipped)."""
     layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
+    fused = [n for n, m in model.named_modules() if isinstance(m, FusedLinearNF4)]
+    if fused:
+        raise ValueError(
+            f"{fused[0]} (and {len(fused) - 1} more) fuse several layers (nf4.fuse_projections), a layout for running "
+            "that transformers and bitsandbytes do not load: save the model before fusing it"
+        )
     if not layers:
         raise ValueError("the model has no LinearNF4 layers; quantize it first (nf4.quantize_model)")
     kinds = {(m.quant_type, m.nested_offset is not None) for m in layers}
