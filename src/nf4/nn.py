@@ -367,8 +367,8 @@ def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = PROJECT
     ``FusedPart`` modules take the layers' places, so the model's own forward runs unchanged.
 
     For running a model: its state dict then has the fused layers' keys, which ``nf4.save_pretrained`` refuses
-    (save before fusing). A group whose layers are not all plain
-    ``LinearNF4`` (LoRA-wrapped, kept in float) or differ in input size or format is left as it is.
+    (save before fusing). A group whose layers are not all plain ``LinearNF4`` (LoRA-wrapped, kept in float) or
+    differ in input size or format is left as it is.
 
     Returns:
         How many groups were fused.
