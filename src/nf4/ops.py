@@ -2,8 +2,10 @@
 
 Each op has one implementation function: Triton kernels on CUDA tensors, the vectorized PyTorch path of
 ``nf4.format`` otherwise (CPU, or no Triton). The function is traceable, so it also serves as the fake
-implementation and ``torch.compile(fullgraph=True)`` sees through it (on CPU, into plain torch ops).
-``nf4::matmul`` is differentiable in its input: grad_x = grad_out @ W, W dequantized in grad_out's dtype.
+implementation and ``torch.compile(fullgraph=True)`` sees through it (on CPU, into plain torch ops), except
+where ``nf4::matmul`` takes a table kernel: that goes through ``nf4::matmul_table``, which compiled code calls as
+it is (the kernels' register cap is a launch option Inductor would drop). ``nf4::matmul`` is differentiable in
+its input: grad_x = grad_out @ W, W dequantized in grad_out's dtype.
 
 The double-quant offset enters the ops as a 0-d fp32 tensor on the weight's device, not as the Python float of
 ``QuantizedTensor.nested_offset``: torch.compile specializes a graph on each float argument, so a float would
