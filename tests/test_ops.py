@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import nf4
 from nf4 import ops
+from nf4.nn import LinearNF4
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -70,3 +74,39 @@ def test_compile_fullgraph_cpu() -> None:
     # eager: the fused CPU kernel (4 rows); compiled: the op's dequantize + linear. Same values, other sum order.
     want = model(x)
     torch.testing.assert_close(compiled(x), want, rtol=0, atol=1e-6 * want.abs().max().item())
+
+
+_NO_TRITON = """
+import sys
+sys.modules["triton"] = None  # as if it were not installed: `import triton` fails, find_spec says None
+import torch
+import nf4
+from nf4 import ops
+from nf4.nn import LinearNF4
+
+assert not ops.HAS_TRITON and "nf4.kernels" not in sys.modules
+torch.manual_seed(0)
+w, x = torch.randn(48, 128, dtype=torch.bfloat16), torch.randn(5, 128)
+q = ops.quantize(w)
+layer = LinearNF4(128, 32)
+compiled = torch.compile(lambda x: ops.matmul(x, q), fullgraph=True, backend="aot_eager")
+torch.save({"data": q.data, "absmax": q.absmax, "deq": ops.dequantize(q), "mm": ops.matmul(x, q),
+            "compiled": compiled(x), "layer": layer(x), "state": layer.state_dict()}, sys.argv[1])
+"""
+
+
+def test_without_triton_the_cpu_paths_give_the_same_results(tmp_path) -> None:
+    # the issue's "no Triton -> the CPU path, same results, no crash at import", in a process where triton cannot
+    # be imported: the ops, their compiled form (custom_op with fake implementations) and LinearNF4
+    out = tmp_path / "no_triton.pt"
+    subprocess.run([sys.executable, "-c", _NO_TRITON, str(out)], check=True, timeout=600)
+    got = torch.load(out)
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 128, dtype=torch.bfloat16), torch.randn(5, 128)
+    q = ops.quantize(w)
+    layer = LinearNF4(128, 32)
+    assert torch.equal(got["data"], q.data) and torch.equal(got["absmax"], q.absmax)
+    assert torch.equal(got["deq"], ops.dequantize(q)) and torch.equal(got["mm"], ops.matmul(x, q))
+    torch.testing.assert_close(got["compiled"], got["mm"], rtol=0, atol=1e-6 * got["mm"].abs().max().item())
+    assert torch.equal(got["layer"], layer(x))
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in got["state"].items())
