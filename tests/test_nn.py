@@ -238,12 +238,19 @@ def test_fuse_projections_runs_a_llama_unchanged(double_quant):
     assert fuse_projections(model) == 0  # nothing left to fuse
 
 
-def test_a_fused_model_is_not_saved_in_a_layout_nothing_else_loads(tmp_path):
+def test_a_fused_model_is_not_saved_in_a_layout_nothing_else_loads_nor_given_adapters(tmp_path):
     model = _tiny_llama()
     fuse_projections(model)
     with pytest.raises(ValueError, match="model.layers.0.self_attn.qkv_proj .and 3 more. fuse several layers"):
         nf4.save_pretrained(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # nothing written
+    with pytest.raises(ValueError, match="add adapters before fusing"):
+        nf4.add_lora(model)
+
+
+def test_fusing_keeps_lora_wrapped_layers_apart():
+    model = nf4.add_lora(_tiny_llama(), nf4.LoraConfig(target_modules=["q_proj", "up_proj"]))
+    assert fuse_projections(model) == 0  # q/k/v and gate/up each have a wrapped member
 
 
 def test_fused_llama_layer_compiles_fullgraph():

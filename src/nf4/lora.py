@@ -34,7 +34,7 @@ from torch import nn
 
 from nf4 import format as fmt
 from nf4 import ops
-from nf4.nn import LinearNF4
+from nf4.nn import FusedLinearNF4, LinearNF4
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 ADAPTER_NAME = "default"  # PEFT's adapter name in memory; dropped from the keys on disk
@@ -229,6 +229,8 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
     config = config or LoraConfig()
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ValueError("the model has LoRA adapters already")
+    if any(isinstance(m, FusedLinearNF4) for m in model.modules()):  # its parts would bypass an adapter on it
+        raise ValueError("the model has fused projections (nf4.fuse_projections): add adapters before fusing")
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():
