@@ -102,8 +102,9 @@ def test_native_matmul_is_x_times_the_dequantized_weight(dtype, quant_type, bloc
 def test_native_matmul_is_the_same_on_any_thread_count(monkeypatch):
     q = nf4.quantize(torch.randn(1024, 512) * 0.1)
     x = torch.randn(4, 512)
-    one = native.matmul(x, q)
+    one = native.matmul(x, q)  # one thread (under MATMUL_PARAMS_PER_THREAD)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    monkeypatch.setattr(native, "MATMUL_PARAMS_PER_THREAD", 1 << 16)  # 8 threads' worth, 7 allowed
     assert torch.equal(one, native.matmul(x, q))
 
 
