@@ -399,6 +399,7 @@ def concat(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
     if not parts:
         raise ValueError("concat needs at least one quantized tensor")
     first = parts[0]
+    want = (first.quant_type, first.blocksize, first.dtype, first.double_quant, first.device)
     for i, q in enumerate(parts):
         if len(q.shape) != 2 or q.shape[1] != first.shape[1]:
             raise ValueError(
@@ -409,7 +410,6 @@ def concat(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
                 f"part {i} ({tuple(q.shape)}) ends inside a block of {q.blocksize}: a block would span two parts"
             )
         same = (q.quant_type, q.blocksize, q.dtype, q.double_quant, q.device)
-        want = (first.quant_type, first.blocksize, first.dtype, first.double_quant, first.device)
         if same != want:
             raise ValueError(f"part {i} has (quant_type, blocksize, dtype, double_quant, device) {same}, part 0 {want}")
         if not torch.equal(q.quant_map, first.quant_map):
