@@ -289,8 +289,8 @@ def quantize_model(
 
 class FusedLinearNF4(LinearNF4):
     """Several ``LinearNF4`` that read the same input, as one: their weights stacked by rows (``format.concat``),
-    one matmul for all, then split. At decode each matmul is a launch of a few microseconds on a GPU, so
-    q/k/v and gate/up fused cut an 8B Llama step from 7 launches a layer to 4 (docs/BENCHMARKS.md).
+    one matmul for all, then split. At decode each matmul costs launches of a few microseconds on a GPU, so
+    q/k/v and gate/up fused cut an 8B Llama step from 7 matmuls a layer to 4 (docs/BENCHMARKS.md).
 
     ``forward`` returns the outputs side by side; ``part(x, i)`` returns one of them, computing the fused
     matmul once per input tensor and handing the other parts over as their layers ask for them (``FusedPart``).
