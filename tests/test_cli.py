@@ -104,7 +104,25 @@ def test_generate_uses_the_models_tokenizer(capsys, smollm_ckpt):
     assert code == 0
     result = json.loads(out)
     assert result["new_tokens"] == 3 and result["text"].strip() and result["tokens_per_s"] > 0
-    assert result["fused_groups"] == 0
+    assert result["fused_groups"] == 0 and result["compile_s"] is None
+    assert result["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--device", "cuda"), "--device cuda: this torch sees no CUDA device"),
+        (("--device", "gpu0"), "--device gpu0: not a device (cpu, cuda or cuda:N)"),
+        (("--device", "meta"), "--device meta: nf4 runs on cpu or cuda"),
+        (("--device", "cpu", "--compile"), "--compile captures the decode step in CUDA graphs: it needs a CUDA device"),
+    ],
+)
+def test_generate_refuses_a_device_it_cannot_use(capsys, smollm_ckpt, extra, message):
+    if torch.cuda.is_available() and extra == ("--device", "cuda"):
+        pytest.skip("this machine has a GPU")
+    argv = ["generate", str(smollm_ckpt[0]), "--prompt", "Hi", "--max-new-tokens", "2", *extra]
+    code, out, err = _run(capsys, *argv)
+    assert code == 1 and not out and err == f"nf4 generate: error: {message}\n"
 
 
 def test_generate_fused_says_what_the_unfused_model_says(capsys, smollm_ckpt):

@@ -3,6 +3,7 @@
     nf4 quantize [SRC] OUT [--quant-type nf4|fp4|nf4-search] [--blocksize 64] [--no-double-quant] [--skip lm_head]
     nf4 inspect CKPT
     nf4 generate CKPT --prompt "..." [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--adapter DIR] [--fuse]
+                 [--device auto|cpu|cuda[:N]] [--compile]
     nf4 finetune [MODEL] [DATA...] --out DIR [--steps N] [--resume] [--demo]   (QLoRA; see docs/QLORA.md)
     torchrun --nproc-per-node N -m nf4.cli finetune [MODEL] [DATA...] --out DIR --fsdp   (see docs/FSDP.md)
     nf4 merge BASE ADAPTER OUT [--dtype bf16 | --requantize]
@@ -22,10 +23,13 @@ import platform
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nf4 import checkpoint, evaluate, nn
 from nf4.format import BLOCKSIZES, FormatError
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -82,42 +86,111 @@ def _inspect(args: argparse.Namespace) -> dict[str, Any]:
     return {"tensors": rows, "totals": _totals(rows)}
 
 
-def _generate(args: argparse.Namespace) -> dict[str, Any]:
+def _device(name: str) -> torch.device:
+    """--device: auto is the first GPU when there is one."""
     import torch
 
-    model = checkpoint.from_pretrained(args.ckpt, progress=_progress(not args.json))
-    if args.adapter:
-        from nf4 import lora
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: nf4 runs on cpu or cuda")
+    return device
 
-        lora.load_adapter(model, args.adapter)
-    fused = nn.fuse_projections(model) if args.fuse else 0
-    tokenizer = checkpoint.load_tokenizer(args.ckpt)
+
+_COMPILE_NEEDS_CUDA = "--compile captures the decode step in CUDA graphs: it needs a CUDA device"
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    compiled: bool = False,
+) -> dict[str, Any]:
+    """Generate from ``prompt`` (through the tokenizer's chat template when it has one) on the model's device.
+
+    compiled: a static KV cache, so that transformers compiles the decode step (torch.compile, "reduce-overhead":
+    CUDA graphs, no Python between launches). A first generation of the same length, stopped after a few tokens,
+    pays the compile and the graph capture; it is timed apart (compile_s), the generation reported after it.
+    """
+    import torch
+    import transformers
+
+    device = next(model.parameters()).device
+    if compiled and device.type != "cuda":
+        raise ValueError(_COMPILE_NEEDS_CUDA)
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": args.prompt}]
+        messages = [{"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        text = args.prompt
-    inputs = tokenizer(text, return_tensors="pt")
-    sample = args.temperature > 0
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=sample,
-            temperature=args.temperature if sample else None,
-            top_p=args.top_p if sample else None,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        )
-    seconds = time.perf_counter() - start
-    new = out[0, inputs["input_ids"].shape[1] :]
+        text = prompt
+    inputs = tokenizer(text, return_tensors="pt").to(device)
+    sample = temperature > 0
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    prompt_len = inputs["input_ids"].shape[1]
+
+    class StopAfter(transformers.StoppingCriteria):
+        """The warm-up's end: the same cache length as the real run (so the same compiled graphs), fewer tokens."""
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            done = input_ids.shape[1] >= prompt_len + 4  # the prefill, then a compile, a recording, two replays
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    def timed(**extra: Any) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**inputs, **options, **extra)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out, time.perf_counter() - start
+
+    compile_s = None
+    if compiled:
+        options["cache_implementation"] = "static"
+        compile_s = timed(stopping_criteria=transformers.StoppingCriteriaList([StopAfter()]))[1]
+    out, seconds = timed()
+    new = out[0, prompt_len:]
     return {
         "text": tokenizer.decode(new, skip_special_tokens=True),
         "new_tokens": int(new.numel()),
         "seconds": round(seconds, 3),
         "tokens_per_s": round(new.numel() / seconds, 2),
-        "fused_groups": fused,
+        "device": str(device),
+        "compile_s": None if compile_s is None else round(compile_s, 2),
     }
+
+
+def _generate(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    device = _device(args.device)
+    if args.compile and device.type != "cuda":
+        raise ValueError(_COMPILE_NEEDS_CUDA)
+    dtype = torch.bfloat16 if device.type == "cuda" else None  # embeddings, norms and skipped layers too
+    model = checkpoint.from_pretrained(args.ckpt, dtype=dtype, progress=_progress(not args.json))
+    if args.adapter:
+        from nf4 import lora
+
+        lora.load_adapter(model, args.adapter)
+    fused = nn.fuse_projections(model) if args.fuse else 0
+    model.to(device)
+    tokenizer = checkpoint.load_tokenizer(args.ckpt)
+    result = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.compile)
+    return result | {"fused_groups": fused}
 
 
 def _finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,7 +240,9 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         print(evaluate.format_table(result))
     if command == "generate":
         print(result["text"])
-        print(f"[{result['new_tokens']} tokens in {result['seconds']} s: {result['tokens_per_s']} tokens/s]")
+        compiled = f"; compile {result['compile_s']} s before" if result["compile_s"] is not None else ""
+        print(f"[{result['new_tokens']} tokens in {result['seconds']} s: {result['tokens_per_s']} tokens/s on "
+              f"{result['device']}{compiled}]")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -200,6 +275,12 @@ def _parser() -> argparse.ArgumentParser:
         "--fuse",
         action="store_true",
         help="one matmul for q/k/v and one for gate/up: fewer launches (double-quant absmax re-encoded once)",
+    )
+    g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default auto: a GPU when there is one)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="CUDA only: static KV cache and a compiled, CUDA-graphed decode step (compile time reported apart)",
     )
     _finetune_parsers(sub, common)
     evaluate.add_arguments(sub.add_parser("eval", help="4-bit formats side by side: perplexity, weight error, plots"))
