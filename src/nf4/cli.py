@@ -22,7 +22,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from nf4 import checkpoint, evaluate, nn
@@ -117,12 +117,11 @@ def generate(
 ) -> dict[str, Any]:
     """Generate from ``prompt`` (through the tokenizer's chat template when it has one) on the model's device.
 
-    compiled: a static KV cache, so that transformers compiles the decode step (torch.compile, "reduce-overhead":
-    CUDA graphs, no Python between launches). A first generation of the same length, stopped after a few tokens,
-    pays the compile and the graph capture; it is timed apart (compile_s), the generation reported after it.
+    compiled: nf4.decode's loop (a static KV cache, the one-token step compiled and replayed as CUDA graphs, the
+    next token chosen on the device) instead of transformers' ``generate``. A first generation of the same length,
+    stopped after a few tokens, pays the compile and the graph capture; it is timed apart (compile_s).
     """
     import torch
-    import transformers
 
     device = next(model.parameters()).device
     if compiled and device.type != "cuda":
@@ -143,26 +142,26 @@ def generate(
     )
     prompt_len = inputs["input_ids"].shape[1]
 
-    class StopAfter(transformers.StoppingCriteria):
-        """The warm-up's end: the same cache length as the real run (so the same compiled graphs), fewer tokens."""
-
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            done = input_ids.shape[1] >= prompt_len + 4  # the prefill, then a compile, a recording, two replays
-            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-    def timed(**extra: Any) -> tuple[torch.Tensor, float]:
+    def timed(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**inputs, **options, **extra)
+            out = run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return out, time.perf_counter() - start
 
     compile_s = None
     if compiled:
-        options["cache_implementation"] = "static"
-        compile_s = timed(stopping_criteria=transformers.StoppingCriteriaList([StopAfter()]))[1]
-    out, seconds = timed()
+        from nf4.decode import Decoder
+
+        decoder = Decoder(model, prompt_len + max_new_tokens, compiled=True)
+        eos = {tokenizer.eos_token_id, *_ids(model.generation_config.eos_token_id)} - {None}
+        choice = dict(temperature=temperature, top_p=top_p, eos_token_ids=eos)
+        # the warm-up: the prefill, then a compile, a recording and replays
+        compile_s = timed(lambda: decoder.generate(inputs["input_ids"], max_new_tokens, **choice, stop_after=4))[1]
+        out, seconds = timed(lambda: decoder.generate(inputs["input_ids"], max_new_tokens, **choice))
+    else:
+        out, seconds = timed(lambda: model.generate(**inputs, **options))
     new = out[0, prompt_len:]
     return {
         "text": tokenizer.decode(new, skip_special_tokens=True),
@@ -172,6 +171,11 @@ def generate(
         "device": str(device),
         "compile_s": None if compile_s is None else round(compile_s, 2),
     }
+
+
+def _ids(value: int | list[int] | None) -> list[int]:
+    """A generation config's token id field (one id, a list of them or none) as a list."""
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
