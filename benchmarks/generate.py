@@ -4,9 +4,10 @@ fused projections) and bitsandbytes NF4, eager and with the compiled, CUDA-graph
 Usage: python benchmarks/generate.py [--layers 32] [--tokens 128] [--variants bf16,nf4,nf4-fused,bnb] [--out DIR]
 
 Every variant runs through ``nf4.cli.generate`` (what ``nf4 generate`` runs), greedy, on the same weights, in one
-process; eager runs after a 4-token warm-up (kernel builds), compiled ones after generate's own (compile_s). The model is Llama-3-8B's shape (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary 128256) with
-random weights, so the tokens mean nothing; the vocabulary is a word-level tokenizer of 128256 made-up words, so
-that the lm_head (kept in bf16, as nf4 and bitsandbytes both do by default) costs what it costs an 8B model.
+process; eager runs after a 4-token warm-up (kernel builds), compiled ones after generate's own (compile_s). The
+model is Llama-3-8B's shape (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary 128256) with random weights,
+so the tokens mean nothing; the vocabulary is a word-level tokenizer of 128256 made-up words, so that the lm_head
+(kept in bf16, as nf4 and bitsandbytes both do by default) costs what it costs an 8B model.
 """
 
 from __future__ import annotations
