@@ -132,14 +132,6 @@ def generate(
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt").to(device)
-    sample = temperature > 0
-    options = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        temperature=temperature if sample else None,
-        top_p=top_p if sample else None,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
     prompt_len = inputs["input_ids"].shape[1]
 
     def timed(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -155,12 +147,20 @@ def generate(
         from nf4.decode import Decoder
 
         decoder = Decoder(model, prompt_len + max_new_tokens, compiled=True)
-        eos = {tokenizer.eos_token_id, *_ids(model.generation_config.eos_token_id)} - {None}
+        eos = _ids(model.generation_config.eos_token_id)  # what transformers' generate stops at
         choice = dict(temperature=temperature, top_p=top_p, eos_token_ids=eos)
         # the warm-up: the prefill, then a compile, a recording and replays
         compile_s = timed(lambda: decoder.generate(inputs["input_ids"], max_new_tokens, **choice, stop_after=4))[1]
         out, seconds = timed(lambda: decoder.generate(inputs["input_ids"], max_new_tokens, **choice))
     else:
+        sample = temperature > 0
+        options = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
         out, seconds = timed(lambda: model.generate(**inputs, **options))
     new = out[0, prompt_len:]
     return {
