@@ -1,8 +1,9 @@
 """Token-by-token generation with a static KV cache and, on a GPU, a compiled, CUDA-graphed decode step.
 
 ``transformers``' ``generate`` with a static cache compiles the step too, but between steps it runs its logits
-processors, stopping criteria and a host sync per token: on an H200 an 8B model then made 122-133 tokens/s as
-bf16, NF4 (ours) and bitsandbytes alike, ~7.5 ms a token for steps of 3-5 ms of GPU work. Here a step is the
+processors, stopping criteria and a host sync per token: on an H200 an 8B-shaped Llama then made 122-133 tokens/s
+as bf16, NF4 (ours) and bitsandbytes alike, ~7.5 ms a token for steps of 3-5 ms of GPU work (here: 174 / 242 / 183
+tokens/s, docs/BENCHMARKS.md). Here a step is the
 model's forward and the next token's choice on the device; the host only launches (the graph replay, the
 choice), and looks at the tokens for an end-of-text every ``CHECK_EVERY`` tokens, so the GPU is never left waiting.
 """
@@ -22,7 +23,7 @@ CHECK_EVERY = 16
 class Decoder:
     """One model, one static cache of ``max_len`` positions (prompt + new tokens), batch 1.
 
-    With ``compiled`` (CUDA only) the one-token step is ``torch.compile``'d in "reduce-overhead" mode (CUDA graphs):
+    With ``compiled`` the one-token step is ``torch.compile``'d in "reduce-overhead" mode (CUDA graphs on a GPU):
     the first call compiles it, the next ones record and replay graphs, and every later ``generate`` of this
     decoder reuses them (the cache is reset in place, its tensors keep their addresses).
     """
