@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="nf4.decode needs the 'hf' extra (transformers)")
-from nf4 import checkpoint  # noqa: E402
+from nf4 import checkpoint, nn  # noqa: E402
 from nf4.decode import CHECK_EVERY, Decoder  # noqa: E402
 from test_checkpoint import quantize_smollm_once  # noqa: E402  (same session cache as test_checkpoint)
 
@@ -36,6 +36,16 @@ def test_greedy_equals_transformers_generate_and_the_cache_is_reused(smollm) -> 
     assert torch.equal(decoder.generate(ids, NEW), want)
     assert torch.equal(decoder.generate(ids, 4), want[:, : ids.shape[1] + 4])  # the cache reset in place
     assert torch.equal(decoder.generate(ids, NEW, stop_after=3), want[:, : ids.shape[1] + 3])
+
+
+def test_greedy_equals_transformers_generate_on_a_fused_model(smollm, tmp_path_factory) -> None:
+    # FusedPart modules (q/k/v and gate/up as one matmul each) under the static cache: same tokens as generate's
+    _, ids, _ = smollm
+    model = checkpoint.from_pretrained(quantize_smollm_once(tmp_path_factory)[0]).eval()
+    assert nn.fuse_projections(model) == 60
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(Decoder(model, ids.shape[1] + 12).generate(ids, 12), want)
 
 
 @pytest.mark.parametrize("at", [2, CHECK_EVERY + 3])
