@@ -76,14 +76,19 @@ _EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-1
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("quant_type", "blocksize", "shape", "rows", "dq"), [
-    ("nf4", 64, (576, 1536), 1, True),     # AVX2 path, double quant
+    ("nf4", 64, (576, 1536), 1, True),     # the SIMD kernels, double quant
     ("fp4", 128, (300, 256), 16, False),   # fp32 absmax, the most rows
     ("int4", 32, (33, 4096), 5, True),
     ("nf4", 64, (7, 100), 3, True),        # K % blocksize != 0: the scalar path, blocks across rows
     ("nf4", 4096, (3, 4096), 2, False),
 ])  # fmt: skip
-def test_native_matmul_is_x_times_the_dequantized_weight(dtype, quant_type, blocksize, shape, rows, dq):
-    """x @ W.T in fp32 with W = dequantize(q, fp32), then one rounding to x's dtype."""
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "avx2"])
+def test_native_matmul_is_x_times_the_dequantized_weight(monkeypatch, dtype, quant_type, blocksize, shape, rows, dq,
+                                                         avx512):  # fmt: skip
+    """x @ W.T in fp32 with W = dequantize(q, fp32), then one rounding to x's dtype; the AVX-512 kernel (where the
+    CPU has it) and the AVX2 one."""
+    if not avx512:
+        monkeypatch.setenv("NF4_NO_AVX512", "1")
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     w = torch.randn(shape, generator=g) * 0.05
     w[0, : min(shape[1], blocksize)] = 0

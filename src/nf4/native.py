@@ -2,8 +2,9 @@
 
 Why not TorchInductor (``nf4/cpu.py``) for dequantize: Inductor emits the 16-level table lookup as one scalar
 load per element (~2.8 ns), slower than bitsandbytes' hand-written loop; ``csrc/kernels.c`` does 8 lookups
-with one AVX2 register permute and runs at memory speed. The same decode feeds ``matmul`` for a few rows of x
-(generation): the weight is read once as 4-bit, never written out as floats. The library compiles with the
+with one AVX2 register permute and runs at memory speed. ``matmul`` for a few rows of x (generation) decodes the
+same way, 16 lookups a permute with AVX-512 where the CPU has it: the weight is read once as 4-bit, never written
+out as floats. The library compiles with the
 system C compiler (the one Inductor needs too) into a per-user cache, keyed by the source's hash, written to a
 temporary name and renamed, so concurrent processes never load a half-written file. ``NF4_NO_COMPILE=1`` or no
 compiler: the caller falls back to the other paths, which give the same values.
