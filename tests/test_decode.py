@@ -36,6 +36,7 @@ def test_greedy_equals_transformers_generate_and_the_cache_is_reused(smollm) -> 
     assert torch.equal(decoder.generate(ids, NEW), want)
     assert torch.equal(decoder.generate(ids, 4), want[:, : ids.shape[1] + 4])  # the cache reset in place
     assert torch.equal(decoder.generate(ids, NEW, stop_after=3), want[:, : ids.shape[1] + 3])
+    assert torch.equal(decoder.generate(ids, 1), want[:, : ids.shape[1] + 1])  # the prefill's token alone
 
 
 def test_greedy_equals_transformers_generate_on_a_fused_model(smollm, tmp_path_factory) -> None:
