@@ -112,7 +112,7 @@ __attribute__((target("avx2,f16c"))) static void avx2(const uint8_t *codes, cons
 
 /* Rows [n0, n1) of W whose rows are whole blocks (K % blocksize == 0, blocksize % 16 == 0), M rows of x.
    Per block: the code values dotted with x, then times the block's scale (one multiply per block, not per value).
-   Inlined for each M from 1 to MATMUL_MAX_M (MATMUL_ROWS): with M a constant the accumulators live in
+   Inlined for each M from 1 to MATMUL_MAX_M (MATMUL_ROWS_OF): with M a constant the accumulators live in
    registers; with M a variable they went through memory, a store-to-load wait on every FMA. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void
 matmul_avx2(const uint8_t *codes, const float *absmax, const uint8_t *absmax_codes, const float *nested_map,
@@ -148,23 +148,29 @@ matmul_avx2(const uint8_t *codes, const float *absmax, const uint8_t *absmax_cod
     }
 }
 
-#define MATMUL_FOR(m)                                                                                              \
-    __attribute__((target("avx2,fma"))) static void matmul_m##m(                                                   \
+/* One function per M from 1 to MATMUL_MAX_M for a kernel, each the kernel inlined with M a constant, and their
+   table by M (KERNEL##_ROWS). */
+typedef void (*matmul_fn)(const uint8_t *, const float *, const uint8_t *, const float *, const float *, float,
+                          const float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t, float *);
+#define MATMUL_FOR(kernel, isa, m)                                                                                 \
+    __attribute__((target(isa))) static void kernel##_m##m(                                                       \
         const uint8_t *codes, const float *absmax, const uint8_t *absmax_codes, const float *nested_map,           \
         const float *nested_absmax, float offset, const float *levels, const float *x, int64_t K, int64_t N,      \
         int64_t n0, int64_t n1, int64_t blocksize, float *out) {                                                   \
-        matmul_avx2(codes, absmax, absmax_codes, nested_map, nested_absmax, offset, levels, x, m, K, N, n0, n1,   \
-                    blocksize, out);                                                                               \
+        kernel(codes, absmax, absmax_codes, nested_map, nested_absmax, offset, levels, x, m, K, N, n0, n1,        \
+               blocksize, out);                                                                                    \
     }
-MATMUL_FOR(1) MATMUL_FOR(2) MATMUL_FOR(3) MATMUL_FOR(4) MATMUL_FOR(5) MATMUL_FOR(6) MATMUL_FOR(7) MATMUL_FOR(8)
-MATMUL_FOR(9) MATMUL_FOR(10) MATMUL_FOR(11) MATMUL_FOR(12) MATMUL_FOR(13) MATMUL_FOR(14) MATMUL_FOR(15)
-MATMUL_FOR(16)
-
-typedef void (*matmul_fn)(const uint8_t *, const float *, const uint8_t *, const float *, const float *, float,
-                          const float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t, float *);
-static const matmul_fn MATMUL_ROWS[MATMUL_MAX_M + 1] = {
-    0, matmul_m1, matmul_m2, matmul_m3, matmul_m4, matmul_m5, matmul_m6, matmul_m7, matmul_m8,
-    matmul_m9, matmul_m10, matmul_m11, matmul_m12, matmul_m13, matmul_m14, matmul_m15, matmul_m16};
+#define MATMUL_ROWS_OF(kernel, isa)                                                                                \
+    MATMUL_FOR(kernel, isa, 1) MATMUL_FOR(kernel, isa, 2) MATMUL_FOR(kernel, isa, 3) MATMUL_FOR(kernel, isa, 4)   \
+    MATMUL_FOR(kernel, isa, 5) MATMUL_FOR(kernel, isa, 6) MATMUL_FOR(kernel, isa, 7) MATMUL_FOR(kernel, isa, 8)   \
+    MATMUL_FOR(kernel, isa, 9) MATMUL_FOR(kernel, isa, 10) MATMUL_FOR(kernel, isa, 11)                           \
+    MATMUL_FOR(kernel, isa, 12) MATMUL_FOR(kernel, isa, 13) MATMUL_FOR(kernel, isa, 14)                          \
+    MATMUL_FOR(kernel, isa, 15) MATMUL_FOR(kernel, isa, 16)                                                       \
+    static const matmul_fn kernel##_ROWS[MATMUL_MAX_M + 1] = {                                                    \
+        0, kernel##_m1, kernel##_m2, kernel##_m3, kernel##_m4, kernel##_m5, kernel##_m6, kernel##_m7,            \
+        kernel##_m8, kernel##_m9, kernel##_m10, kernel##_m11, kernel##_m12, kernel##_m13, kernel##_m14,          \
+        kernel##_m15, kernel##_m16};
+MATMUL_ROWS_OF(matmul_avx2, "avx2,fma")
 
 /* AVX-512: the 16-entry table is one register, so one vpermps looks 16 levels up (AVX2: two and a blend for 8).
    16 code bytes widen to 16 dword lanes; vpermps reads an index's low 4 bits, so the lanes as they are give the
@@ -204,22 +210,7 @@ matmul_avx512(const uint8_t *codes, const float *absmax, const uint8_t *absmax_c
     }
 }
 
-#define MATMUL512_FOR(m)                                                                                           \
-    __attribute__((target("avx512f"))) static void matmul512_m##m(                                                \
-        const uint8_t *codes, const float *absmax, const uint8_t *absmax_codes, const float *nested_map,           \
-        const float *nested_absmax, float offset, const float *levels, const float *x, int64_t K, int64_t N,      \
-        int64_t n0, int64_t n1, int64_t blocksize, float *out) {                                                   \
-        matmul_avx512(codes, absmax, absmax_codes, nested_map, nested_absmax, offset, levels, x, m, K, N, n0, n1, \
-                      blocksize, out);                                                                             \
-    }
-MATMUL512_FOR(1) MATMUL512_FOR(2) MATMUL512_FOR(3) MATMUL512_FOR(4) MATMUL512_FOR(5) MATMUL512_FOR(6)
-MATMUL512_FOR(7) MATMUL512_FOR(8) MATMUL512_FOR(9) MATMUL512_FOR(10) MATMUL512_FOR(11) MATMUL512_FOR(12)
-MATMUL512_FOR(13) MATMUL512_FOR(14) MATMUL512_FOR(15) MATMUL512_FOR(16)
-
-static const matmul_fn MATMUL512_ROWS[MATMUL_MAX_M + 1] = {
-    0, matmul512_m1, matmul512_m2, matmul512_m3, matmul512_m4, matmul512_m5, matmul512_m6, matmul512_m7,
-    matmul512_m8, matmul512_m9, matmul512_m10, matmul512_m11, matmul512_m12, matmul512_m13, matmul512_m14,
-    matmul512_m15, matmul512_m16};
+MATMUL_ROWS_OF(matmul_avx512, "avx512f")
 #endif
 
 /* out[m, n] (row stride N) = sum_k x[m, k] * W[n, k] in fp32 for the rows n in [n0, n1), M <= MATMUL_MAX_M.
@@ -234,16 +225,16 @@ void nf4_matmul(const uint8_t *codes, const float *absmax, const uint8_t *absmax
         float *xd = malloc((size_t)(M * K) * sizeof(float));
         if (xd) {
             for (int64_t i = 0; i < M * K; i++) xd[(i & ~(int64_t)31) + ((i & 1) << 4) + ((i & 31) >> 1)] = x[i];
-            MATMUL512_ROWS[M](codes, absmax, absmax_codes, nested_map, nested_absmax, offset, levels, xd, K, N, n0,
-                              n1, blocksize, out);
+            matmul_avx512_ROWS[M](codes, absmax, absmax_codes, nested_map, nested_absmax, offset, levels, xd, K, N,
+                                  n0, n1, blocksize, out);
             free(xd);
             return;
         }
     }
     if (M >= 1 && M <= MATMUL_MAX_M && blocksize % 16 == 0 && K % blocksize == 0 && __builtin_cpu_supports("avx2") &&
         __builtin_cpu_supports("fma")) {
-        MATMUL_ROWS[M](codes, absmax, absmax_codes, nested_map, nested_absmax, offset, levels, x, K, N, n0, n1,
-                       blocksize, out);
+        matmul_avx2_ROWS[M](codes, absmax, absmax_codes, nested_map, nested_absmax, offset, levels, x, K, N, n0,
+                            n1, blocksize, out);
         return;
     }
 #endif
