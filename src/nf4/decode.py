@@ -66,7 +66,7 @@ class Decoder:
         done = 0
         for i in range(n):
             out[i] = token[0]
-            if eos.numel() and (i + 1) % CHECK_EVERY == 0 or i + 1 == n:
+            if (eos.numel() and (i + 1) % CHECK_EVERY == 0) or i + 1 == n:  # and at the end, to trim
                 hits = torch.isin(out[done : i + 1], eos).nonzero()
                 if hits.numel():
                     return torch.cat([input_ids[0], out[: done + int(hits[0, 0]) + 1]])[None]
