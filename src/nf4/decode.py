@@ -2,7 +2,7 @@
 
 ``transformers``' ``generate`` with a static cache compiles the step too, but between steps it runs its logits
 processors, stopping criteria and a host sync per token: on an H200 an 8B-shaped Llama then made 122-133 tokens/s
-as bf16, NF4 (ours) and bitsandbytes alike, ~7.5 ms a token for steps of 3-5 ms of GPU work. Here a step is the
+as bf16, NF4 (ours) and bitsandbytes alike, ~7.5 ms a token whatever the weights. Here a step is the
 model's forward and the next token's choice on the device; the host only launches (the graph replay, the choice)
 and looks at the tokens for an end-of-text every ``CHECK_EVERY`` tokens, so the GPU is never left waiting: 174 /
 242 / 183 tokens/s for the same bf16 / NF4 (fused) / bitsandbytes models (docs/BENCHMARKS.md).
