@@ -392,3 +392,18 @@ def test_table_kernels_run_through_an_opaque_op_under_compile(monkeypatch: pytes
         assert torch.equal(compiled(x), kernel(x, *qargs) * 2)
     with pytest.raises(AssertionError):  # fp32 x has no table kernel: ops never sends it here
         torch.ops.nf4.matmul_table(torch.randn(3, 256), *qargs)
+
+
+def test_launch_hooks_are_seen_in_both_triton_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    # common.run launches cached kernels directly only when no launch hook (a profiler) is installed: Triton 3.6+
+    # holds the hooks in a chain that is empty by default, earlier versions a callable or None
+    chain = triton.knobs.runtime.launch_enter_hook
+    assert not common._hooked()
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)
+    assert common._hooked()
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", None)
+    assert not common._hooked()
+    if hasattr(chain, "calls"):
+        monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", type(chain)())
+        triton.knobs.runtime.launch_enter_hook.add(lambda metadata: None)
+        assert common._hooked()

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from triton import knobs
 from triton.language.extra import libdevice
+
+# Read once, as @triton.jit does when it wraps the kernels at import (an environment lookup costs ~1 us, and an
+# eager matmul asks several times).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def interpreted() -> bool:
     """True under ``TRITON_INTERPRET=1``, where libdevice calls do not exist (numpy rounds each op anyway)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETED
 
 
 # The compiler contracts a * b + c into one fma (one rounding) unless the multiply is an explicit
@@ -173,6 +179,53 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
+@functools.cache
+def programs(device: torch.device, per_sm: int) -> int:
+    """Programs that run at once: per_sm on each SM (on CPU, under the interpreter, as if on one SM). Cached:
+    ``get_device_properties`` costs ~15 us a call."""
+    if device.type != "cuda":
+        return per_sm
+    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+
+
+def _hooked() -> bool:
+    """A launch hook is installed: Triton 3.6+ holds them in a chain (empty by default), earlier ones a callable."""
+    hook = knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+# Compiled kernels by launch: (kernel, grid, constexprs and options, what Triton specializes the arguments on).
+_LAUNCHES: dict[tuple, tuple] = {}
+
+
+def run(kernel: triton.JITFunction, grid: tuple[int, ...], *args: object, **consts: object) -> None:
+    """``kernel[grid](*args, **consts)`` (positional arguments, then constexprs and launch options by name).
+
+    In eager mode on the GPU the compiled kernel is looked up by what decides it (the grid, the constexprs and
+    options, each tensor's dtype and 16-byte alignment, each int's value) and launched directly: Triton's own path
+    binds and specializes every argument again at each launch (~25 us of host time against ~10 us for the launch
+    itself), and a decode step makes hundreds of launches. Traced, interpreted or with a launch hook installed
+    (a profiler), it goes through ``wrap_triton`` as before.
+    """
+    if _INTERPRETED or tracing() or _hooked():
+        wrap_triton(kernel)[grid](*args, **consts)
+        return
+    device = args[0].device.index  # every kernel's first argument is a tensor
+    spec = tuple((a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args)
+    key = (kernel, grid, device, tuple(consts.values()), spec)
+    entry = _LAUNCHES.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **consts)
+        # the constexprs in the kernel's parameter order, for the launcher (it takes every parameter)
+        tail = tuple(consts[p.name] if p.name in consts else p.default for p in kernel.params[len(args) :])
+        _LAUNCHES[key] = (compiled, tail)
+        return
+    compiled, tail = entry
+    g = grid + (1, 1)
+    compiled.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args, *tail)  # fmt: skip
+
+
 def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """int32 zeros, at least ``tiles`` of them, that split-K kernels return to zero. Traced by torch.compile, a
     fresh zeroed tensor: a compiled graph holds no state of its own."""
@@ -229,7 +282,9 @@ def launch(
     else:  # stand-ins the kernel does not read
         partial, counters = out, out
     double_quant = nested_absmax is not None
-    wrap_triton(kernel)[(tiles, split_k)](
+    run(
+        kernel,
+        (tiles, split_k),
         x,
         data,
         *scale_args(absmax, quant_map, nested_absmax, nested_quant_map, nested_offset),
@@ -260,7 +315,7 @@ def sum_slices(partial: torch.Tensor, bias: torch.Tensor | None, out: torch.Tens
     """out [M, N] = the sum of partial [SPLIT_K, M, N] over its slices in slice order (+ bias), rounded once."""
     split_k, numel, n = partial.shape[0], out.numel(), out.shape[-1]
     block = 1024
-    wrap_triton(_split_k_sum_kernel)[(triton.cdiv(numel, block),)](
-        partial, bias if bias is not None else out, out, numel, n, SPLIT_K=split_k, HAS_BIAS=bias is not None,
-        BLOCK=block, INTERPRETED=interpreted(), num_warps=4,
+    run(
+        _split_k_sum_kernel, (triton.cdiv(numel, block),), partial, bias if bias is not None else out, out, numel, n,
+        SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=block, INTERPRETED=_INTERPRETED, num_warps=4,
     )  # fmt: skip

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from nf4.kernels.common import flush, interpreted, load_absmax, round_to, scale_args
+from nf4.kernels.common import flush, interpreted, load_absmax, round_to, run, scale_args
 
 # Bytes of codes per program, from H200 sweeps (docs/BENCHMARKS_GPU.md): 64 bytes of codes a thread, enough in
 # flight per SM to reach copy bandwidth, few enough per program to fill the GPU. 4096 bytes with 2 warps measured
@@ -90,9 +89,8 @@ def dequantize(
     args = (data, *scale_args(absmax, quant_map, nested_absmax, nested_quant_map, nested_offset), out, numel)
     consts = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, INTERPRETED=interpreted())
     if full:
-        wrap_triton(_dequantize_kernel)[(triton.cdiv(full, nb),)](
-            *args, 0, full, NB=nb, PARTIAL=False, num_warps=_NUM_WARPS, **consts
-        )
+        run(_dequantize_kernel, (triton.cdiv(full, nb),), *args, 0, full, NB=nb, PARTIAL=False, num_warps=_NUM_WARPS,
+            **consts)  # fmt: skip
     if full < nblocks:
-        wrap_triton(_dequantize_kernel)[(1,)](*args, full, nblocks, NB=1, PARTIAL=True, num_warps=4, **consts)
+        run(_dequantize_kernel, (1,), *args, full, nblocks, NB=1, PARTIAL=True, num_warps=4, **consts)
     return out

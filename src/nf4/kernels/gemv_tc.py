@@ -44,9 +44,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from nf4.kernels.common import interpreted, round_to, sum_slices
+from nf4.kernels.common import interpreted, programs, round_to, run, sum_slices
 from nf4.kernels.common import load_absmax as _absmax
 from nf4.kernels.gemv import _load16
 
@@ -365,13 +364,6 @@ def _store_rows(result, rows, mask, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr
     tl.store(out_ptr + rows, round_to(result, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
-def _programs(device: torch.device, per_sm: int) -> int:
-    """Programs that run at once: per_sm on each SM (on CPU, under the interpreter, as if on one SM)."""
-    if device.type != "cuda":
-        return per_sm
-    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
-
-
 def best_split(tiles: int, steps: int, slots: int) -> int:
     """The split of K (at most 32 slices, at least 2 steps each) whose (row tile, slice) items fill ``slots``
     programs in whole rounds best; a larger split only when it is 2% better."""
@@ -389,7 +381,7 @@ def best_split(tiles: int, steps: int, slots: int) -> int:
 @functools.cache  # a decode step asks for the same few shapes every token (12 us of Python a call otherwise)
 def default_config(n: int, k: int, device: torch.device) -> GemvTcConfig:
     """best_split over 256-element steps: 28672x8192 gets 7 slices (1568 items, 3 rounds of 528 programs)."""
-    return GemvTcConfig(split_k=best_split(-(-n // BLOCK_N), -(-k // 256), _programs(device, PROGRAMS_PER_SM)))
+    return GemvTcConfig(split_k=best_split(-(-n // BLOCK_N), -(-k // 256), programs(device, PROGRAMS_PER_SM)))
 
 
 def gemv_tc(
@@ -419,7 +411,7 @@ def gemv_tc(
     per = -(-steps // min(config.split_k, steps))
     split_k = -(-steps // per)  # no empty slices
     items = -(-n // BLOCK_N) * split_k
-    rounds = -(-items // _programs(x.device, config.programs_per_sm))
+    rounds = -(-items // programs(x.device, config.programs_per_sm))
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     if split_k > 1:
         partial = torch.empty((split_k, 1, n), dtype=torch.float32, device=x.device)
@@ -429,11 +421,12 @@ def gemv_tc(
     if not double_quant:  # stand-ins (a pointer argument cannot be None)
         nested_absmax, nested_quant_map, nested_offset = absmax, quant_map, absmax
     options = {} if interpreted() else {"maxnreg": MAX_REGISTERS}
-    wrap_triton(_gemv_tc_kernel)[(-(-items // rounds),)](
-        x.view(torch.int32), codes.view(torch.int32), absmax, quant_map, nested_absmax, nested_quant_map,
-        nested_offset, bias if bias is not None else out, out, partial, n, k, per, BLOCKSIZE=blocksize,
-        DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None, X_KIND=0 if x.dtype == torch.bfloat16 else 1,
-        BLOCK_N=BLOCK_N, SPLIT_K=split_k, INTERPRETED=interpreted(), num_warps=BLOCK_N // 16, **options,
+    run(
+        _gemv_tc_kernel, (-(-items // rounds),), x.view(torch.int32), codes.view(torch.int32), absmax, quant_map,
+        nested_absmax, nested_quant_map, nested_offset, bias if bias is not None else out, out, partial, n, k, per,
+        BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
+        X_KIND=0 if x.dtype == torch.bfloat16 else 1, BLOCK_N=BLOCK_N, SPLIT_K=split_k, INTERPRETED=interpreted(),
+        num_warps=BLOCK_N // 16, **options,
     )  # fmt: skip
     if split_k > 1:
         sum_slices(partial, bias, out)

@@ -33,12 +33,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from nf4.kernels.common import interpreted, round_to, sum_slices
+from nf4.kernels.common import interpreted, programs, round_to, run, sum_slices
 from nf4.kernels.common import load_absmax as _absmax
 from nf4.kernels.gemv import _load16
-from nf4.kernels.gemv_tc import _lookup4, _mma, _programs, _table, best_split
+from nf4.kernels.gemv_tc import _lookup4, _mma, _table, best_split
 
 BLOCK_N = 128  # rows of W a program (8 warps)
 MIN_M = 2
@@ -267,7 +266,7 @@ def _occupancy(m: int) -> tuple[int, int]:
 def default_config(n: int, k: int, m: int, device: torch.device) -> GemvTcmConfig:
     """gemv_tc's best_split over 128-element steps, at the occupancy for m rows."""
     programs_per_sm, max_registers = _occupancy(m)
-    split_k = best_split(-(-n // BLOCK_N), -(-k // 128), _programs(device, programs_per_sm))
+    split_k = best_split(-(-n // BLOCK_N), -(-k // 128), programs(device, programs_per_sm))
     return GemvTcmConfig(split_k, programs_per_sm, max_registers)
 
 
@@ -301,7 +300,7 @@ def gemv_tcm(
     per = -(-steps // min(split_k, steps))
     split_k = -(-steps // per)  # no empty slices
     items = -(-n // BLOCK_N) * split_k
-    rounds = -(-items // _programs(x.device, programs_per_sm))
+    rounds = -(-items // programs(x.device, programs_per_sm))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if split_k > 1:
         partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
@@ -311,9 +310,10 @@ def gemv_tcm(
     if not double_quant:  # stand-ins (a pointer argument cannot be None)
         nested_absmax, nested_quant_map, nested_offset = absmax, quant_map, absmax
     options = {} if interpreted() else {"maxnreg": max_registers}
-    wrap_triton(_gemv_tcm_kernel)[(-(-items // rounds),)](
-        x.view(torch.int32), codes.view(torch.int32), absmax, quant_map, nested_absmax, nested_quant_map,
-        nested_offset, bias if bias is not None else out, out, partial, m, n, k, x.stride(0) // 2, per,
+    run(
+        _gemv_tcm_kernel, (-(-items // rounds),), x.view(torch.int32), codes.view(torch.int32), absmax, quant_map,
+        nested_absmax, nested_quant_map, nested_offset, bias if bias is not None else out, out, partial, m, n, k,
+        x.stride(0) // 2, per,
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         X_KIND=0 if x.dtype == torch.bfloat16 else 1, BLOCK_N=BLOCK_N, SPLIT_K=split_k, HALVES=2 if m > 8 else 1,
         INTERPRETED=interpreted(), num_warps=BLOCK_N // 16, **options,
