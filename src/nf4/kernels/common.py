@@ -194,7 +194,8 @@ def _hooked() -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-# Compiled kernels by launch: (kernel, grid, constexprs and options, what Triton specializes the arguments on).
+# Compiled kernels by launch: (the kernel's id, grid, device, constexprs and options, what Triton specializes the
+# arguments on) -> (the compiled kernel, its constexprs in parameter order).
 _LAUNCHES: dict[tuple, tuple] = {}
 
 
@@ -212,7 +213,7 @@ def run(kernel: triton.JITFunction, grid: tuple[int, ...], *args: object, **cons
         return
     device = args[0].device.index  # every kernel's first argument is a tensor
     spec = tuple((a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args)
-    key = (kernel, grid, device, tuple(consts.values()), spec)
+    key = (id(kernel), grid, device, tuple(consts.values()), spec)  # id: a JITFunction hashes its source
     entry = _LAUNCHES.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **consts)
