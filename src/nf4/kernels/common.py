@@ -9,7 +9,6 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from triton import knobs
 from triton.language.extra import libdevice
 
 # Read once, as @triton.jit does when it wraps the kernels at import (an environment lookup costs ~1 us, and an
@@ -188,9 +187,17 @@ def programs(device: torch.device, per_sm: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
 
 
+# Direct launches (``run``) are written against the launcher of Triton 3.6-3.9 (tested on both); earlier versions,
+# whose launch path and hooks differ (no ``triton.knobs`` before 3.4), always launch through Triton.
+_DIRECT = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 6)
+
+
 def _hooked() -> bool:
-    """A launch hook is installed: Triton 3.6+ holds them in a chain (empty by default), earlier ones a callable."""
-    hook = knobs.runtime.launch_enter_hook
+    """A launch hook is installed (Triton 3.6+ holds them in a chain, empty by default; a callable or None before),
+    or this Triton's launcher is not the one ``run`` calls directly."""
+    if not _DIRECT:
+        return True
+    hook = triton.knobs.runtime.launch_enter_hook
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
