@@ -81,6 +81,7 @@ _EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-1
     ("int4", 32, (33, 4096), 5, True),
     ("nf4", 64, (7, 100), 3, True),        # K % blocksize != 0: the scalar path, blocks across rows
     ("nf4", 4096, (3, 4096), 2, False),
+    ("nf4", 64, (39, 512), 11, True),      # AVX-512 tiles of 4 x 4: 2 whole x tiles and 3 rows, 9 W tiles and 3 rows
 ])  # fmt: skip
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "avx2"])
 def test_native_matmul_is_x_times_the_dequantized_weight(monkeypatch, dtype, quant_type, blocksize, shape, rows, dq,
@@ -104,9 +105,11 @@ def test_native_matmul_is_x_times_the_dequantized_weight(monkeypatch, dtype, qua
     assert ((ours.double() - want).abs() <= bound).all()
 
 
-def test_native_matmul_is_the_same_on_any_thread_count(monkeypatch):
+@pytest.mark.parametrize("rows", [4, 7])
+def test_native_matmul_is_the_same_on_any_thread_count(monkeypatch, rows):
+    """Threads split W's rows anywhere, also inside the AVX-512 kernel's tiles of 4: a row's sum is the same."""
     q = nf4.quantize(torch.randn(1024, 512) * 0.1)
-    x = torch.randn(4, 512)
+    x = torch.randn(rows, 512)
     one = native.matmul(x, q)  # one thread (under MATMUL_PARAMS_PER_THREAD)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
     monkeypatch.setattr(native, "MATMUL_PARAMS_PER_THREAD", 1 << 16)  # 8 threads' worth, 7 allowed

@@ -172,6 +172,57 @@ typedef void (*matmul_fn)(const uint8_t *, const float *, const uint8_t *, const
         kernel##_m15, kernel##_m16};
 MATMUL_ROWS_OF(matmul_avx2, "avx2,fma")
 
+/* Several rows of x (AVX-512): mt rows of x (from row m0) against nt rows of W (from row n), mt, nt <= 4 and
+   constants where this is inlined, so that the 16 accumulators stay in registers. One row of W at a time (M = 1's
+   loop) streams all M rows of x from L2 for each row of W and is bound by those loads; here each x load feeds nt
+   rows' FMAs. The decoded weights are multiplied by their block's scale first (one multiply per 16 weights), so
+   one accumulator per (x row, W row) is enough. */
+__attribute__((target("avx512f"), always_inline)) static inline void
+avx512_tile(const uint8_t *codes, const float *absmax, const uint8_t *absmax_codes, const float *nested_map,
+            const float *nested_absmax, float offset, const __m512 table, const float *xd, int64_t m0,
+            const int64_t mt, int64_t K, int64_t N, int64_t n, const int64_t nt, int64_t blocksize, float *out) {
+    const int64_t blocks_per_row = K / blocksize;
+    __m512 acc[4][4];
+    for (int64_t m = 0; m < mt; m++)
+        for (int64_t r = 0; r < nt; r++) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < blocks_per_row; j++) {
+        float scale[4];
+        for (int64_t r = 0; r < nt; r++)
+            scale[r] =
+                block_scale(absmax, absmax_codes, nested_map, nested_absmax, offset, (n + r) * blocks_per_row + j);
+        for (int64_t k = j * blocksize; k < (j + 1) * blocksize; k += 32) {
+            __m512 high[4], low[4];
+            for (int64_t r = 0; r < nt; r++) {
+                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + ((n + r) * K + k) / 2)));
+                __m512 s = _mm512_set1_ps(scale[r]);
+                high[r] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), s);
+                low[r] = _mm512_mul_ps(_mm512_permutexvar_ps(bytes, table), s);
+            }
+            for (int64_t m = 0; m < mt; m++) {
+                const float *xm = xd + (m0 + m) * K + k;
+                __m512 even = _mm512_loadu_ps(xm), odd = _mm512_loadu_ps(xm + 16);
+                for (int64_t r = 0; r < nt; r++)
+                    acc[m][r] = _mm512_fmadd_ps(low[r], odd, _mm512_fmadd_ps(high[r], even, acc[m][r]));
+            }
+        }
+    }
+    for (int64_t m = 0; m < mt; m++)
+        for (int64_t r = 0; r < nt; r++) out[(m0 + m) * N + n + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+/* Rows n .. n + nt - 1 of W against all M rows of x, in tiles of 4 x rows: every tile's sizes constants. */
+__attribute__((target("avx512f"), always_inline)) static inline void
+avx512_rows(const uint8_t *codes, const float *absmax, const uint8_t *absmax_codes, const float *nested_map,
+            const float *nested_absmax, float offset, const __m512 table, const float *xd, const int64_t M,
+            int64_t K, int64_t N, int64_t n, const int64_t nt, int64_t blocksize, float *out) {
+    for (int64_t m0 = 0; m0 + 4 <= M; m0 += 4)
+        avx512_tile(codes, absmax, absmax_codes, nested_map, nested_absmax, offset, table, xd, m0, 4, K, N, n, nt,
+                    blocksize, out);
+    if (M % 4)
+        avx512_tile(codes, absmax, absmax_codes, nested_map, nested_absmax, offset, table, xd, M - M % 4, M % 4, K,
+                    N, n, nt, blocksize, out);
+}
+
 /* AVX-512: the 16-entry table is one register, so one vpermps looks 16 levels up (AVX2: two and a blend for 8).
    16 code bytes widen to 16 dword lanes; vpermps reads an index's low 4 bits, so the lanes as they are give the
    low-nibble (odd) weights and shifted right by 4 the high-nibble (even) ones, with no interleaving of the two:
@@ -183,28 +234,44 @@ matmul_avx512(const uint8_t *codes, const float *absmax, const uint8_t *absmax_c
               int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t blocksize, float *out) {
     const __m512 table = _mm512_loadu_ps(levels);
     const int64_t blocks_per_row = K / blocksize;
-    for (int64_t n = n0; n < n1; n++) {
-        __m512 acc[MATMUL_MAX_M], even[MATMUL_MAX_M], odd[MATMUL_MAX_M];
+    if (M >= 4) { /* a row's result does not depend on its tile (the same operations in the same order) */
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4)
+            avx512_rows(codes, absmax, absmax_codes, nested_map, nested_absmax, offset, table, xd, M, K, N, n, 4,
+                        blocksize, out);
+        switch (n1 - n) { /* the last 1-3 rows of W, each count a constant */
+        case 3:
+            avx512_rows(codes, absmax, absmax_codes, nested_map, nested_absmax, offset, table, xd, M, K, N, n, 3,
+                        blocksize, out);
+            break;
+        case 2:
+            avx512_rows(codes, absmax, absmax_codes, nested_map, nested_absmax, offset, table, xd, M, K, N, n, 2,
+                        blocksize, out);
+            break;
+        case 1:
+            avx512_rows(codes, absmax, absmax_codes, nested_map, nested_absmax, offset, table, xd, M, K, N, n, 1,
+                        blocksize, out);
+            break;
+        }
+        return;
+    }
+    for (int64_t n = n0; n < n1; n++) { /* 1-3 rows of x: a row of W at a time, two FMA chains per x row */
+        __m512 acc[3], even[3], odd[3];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
         for (int64_t j = 0; j < blocks_per_row; j++) {
-            int64_t blk = n * blocks_per_row + j;
-            __m512 scale = _mm512_set1_ps(block_scale(absmax, absmax_codes, nested_map, nested_absmax, offset, blk));
+            __m512 scale = _mm512_set1_ps(
+                block_scale(absmax, absmax_codes, nested_map, nested_absmax, offset, n * blocks_per_row + j));
             for (int64_t m = 0; m < M; m++) even[m] = odd[m] = _mm512_setzero_ps();
             for (int64_t k = j * blocksize; k < (j + 1) * blocksize; k += 32) {
                 __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + (n * K + k) / 2)));
                 __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
                 __m512 low = _mm512_permutexvar_ps(bytes, table);
                 for (int64_t m = 0; m < M; m++) {
-                    /* two FMA chains a row up to 8 rows (3 registers a row); more rows share one */
                     even[m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xd + m * K + k), even[m]);
-                    if (M <= 8) odd[m] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xd + m * K + k + 16), odd[m]);
-                    else even[m] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xd + m * K + k + 16), even[m]);
+                    odd[m] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xd + m * K + k + 16), odd[m]);
                 }
             }
-            for (int64_t m = 0; m < M; m++) {
-                __m512 block = M <= 8 ? _mm512_add_ps(even[m], odd[m]) : even[m];
-                acc[m] = _mm512_fmadd_ps(block, scale, acc[m]);
-            }
+            for (int64_t m = 0; m < M; m++) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(even[m], odd[m]), scale, acc[m]);
         }
         for (int64_t m = 0; m < M; m++) out[m * N + n] = _mm512_reduce_add_ps(acc[m]);
     }
