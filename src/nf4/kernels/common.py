@@ -220,11 +220,13 @@ def run(kernel: triton.JITFunction, grid: tuple[int, ...], *args: object, **cons
         return
     device = args[0].device.index  # every kernel's first argument is a tensor
     spec = tuple((a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args)
-    key = (id(kernel), grid, device, tuple(consts.values()), spec)  # id: a JITFunction hashes its source
+    key = (id(kernel), grid, device, tuple(consts.items()), spec)  # id: a JITFunction hashes its source
     entry = _LAUNCHES.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **consts)
-        # the constexprs in the kernel's parameter order, for the launcher (it takes every parameter)
+        # the constexprs in the kernel's parameter order, for the launcher (it takes every parameter); a tensor or
+        # int given by name would be missing from the key
+        assert all(p.is_constexpr for p in kernel.params[len(args) :]), kernel.arg_names
         tail = tuple(consts[p.name] if p.name in consts else p.default for p in kernel.params[len(args) :])
         _LAUNCHES[key] = (compiled, tail)
         return
