@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -129,3 +131,23 @@ def test_ops_matmul_takes_the_native_kernel_for_a_few_rows_only(monkeypatch):
         y.sum().backward()  # backward dequantizes: the same gradient on every path
         torch.testing.assert_close(x.grad, nf4.dequantize(q).sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
     assert calls == [(2, 1, 128), (native.MATMUL_MAX_M, 128)]
+
+
+def test_native_matmul_keeps_a_weights_arguments_and_sees_in_place_updates():
+    q = nf4.quantize(torch.randn(96, 256) * 0.1)
+    x = torch.randn(3, 256)
+    first = native.matmul(x, q)
+    assert "_native_args" in q.__dict__  # q's own tensors: kept for the next call
+    assert torch.equal(native.matmul(x, q), first)
+    q.data.copy_(torch.randint(0, 256, q.data.shape, dtype=torch.uint8))  # new codes in the same tensor
+    got = native.matmul(x, q)
+    assert not torch.equal(got, first)
+    torch.testing.assert_close(got, x @ nf4.dequantize(q).T, rtol=1e-5, atol=1e-5)
+
+
+def test_native_matmul_does_not_keep_copies():
+    q = nf4.quantize(torch.randn(64, 128) * 0.1)
+    q64 = dataclasses.replace(q, quant_map=q.quant_map.double())  # converted (a copy) at each call
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(native.matmul(x, q64), native.matmul(x, q), rtol=0, atol=0)
+    assert "_native_args" not in q64.__dict__

@@ -166,37 +166,62 @@ def matmul_usable(x: torch.Tensor, q: QuantizedTensor) -> bool:
     return usable(q.data, x.dtype) and x.device.type == "cpu" and len(q.shape) == 2 and rows <= MATMUL_MAX_M
 
 
+def _weight_args(q: QuantizedTensor) -> tuple:
+    """``nf4_matmul``'s weight arguments for q: codes, the five scale tables, the levels. Kept on q (frozen: its
+    tensors stay the same objects) when they are q's own tensors, not copies, so in-place updates still show;
+    building them costs ~2 us of the ~20 a small call took, and generation asks for the same weights every token."""
+    cached = q.__dict__.get("_native_args")
+    if cached is not None:
+        return cached
+    codes, levels = q.data.contiguous(), q.quant_map.float().contiguous()
+    if q.nested_absmax is None:  # (fp32 absmax, 8-bit absmax codes, nested map, nested absmax, offset)
+        absmax = q.absmax.float().contiguous()
+        tensors = (codes, absmax, levels)
+        tables = (absmax.data_ptr(), 0, 0, 0, 0.0)
+    else:
+        codes8 = q.absmax.contiguous()
+        nested_map, nested_absmax = q.nested_quant_map.float().contiguous(), q.nested_absmax.float().contiguous()
+        tensors = (codes, codes8, nested_map, nested_absmax, levels)
+        tables = (0, codes8.data_ptr(), nested_map.data_ptr(), nested_absmax.data_ptr(), float(q.nested_offset))
+    args = (codes.data_ptr(), *tables, levels.data_ptr())
+    own = (q.data, q.absmax, q.nested_quant_map, q.nested_absmax, q.quant_map)
+    if all(any(t is o for o in own) for t in tensors):
+        q.__dict__["_native_args"] = args
+        return args
+    return (*args, tensors)  # copies: kept alive for the call by the tuple
+
+
 def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequantize(q).T + bias`` for a few rows of x, W read once as 4-bit (``csrc/kernels.c``).
 
     Computed in fp32 (x cast up, the weight values in fp32, as ``dequantize(q, torch.float32)``) and rounded to
     x's dtype once: for bf16 x, closer to the exact product than ``x @ dequantize(q, bf16).T``, which rounds every
-    weight to bf16 first. Rows of W are split over ``torch.get_num_threads()`` threads.
+    weight to bf16 first. Rows of W are split over ``torch.get_num_threads()`` threads. For ``matmul_usable``
+    inputs only.
     """
     lib = library()
-    assert lib is not None and matmul_usable(x, q), "native.matmul called where matmul_usable() is False"
+    assert lib is not None, "native.matmul called where matmul_usable() is False"
     n, k = q.shape
-    x2 = x.reshape(-1, k).float().contiguous()
+    if x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous():
+        x2 = x  # generation's usual case: no reshape, cast or copy (each costs ~1 us)
+    else:
+        x2 = x.reshape(-1, k).float().contiguous()
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
-    codes, levels = q.data.contiguous(), q.quant_map.float().contiguous()
-    if q.nested_absmax is None:  # (fp32 absmax, 8-bit absmax codes, nested map, nested absmax, offset)
-        absmax = q.absmax.float().contiguous()
-        tables = (absmax.data_ptr(), 0, 0, 0, 0.0)
-    else:
-        codes8 = q.absmax.contiguous()
-        nested_map, nested_absmax = q.nested_quant_map.float().contiguous(), q.nested_absmax.float().contiguous()
-        tables = (0, codes8.data_ptr(), nested_map.data_ptr(), nested_absmax.data_ptr(), float(q.nested_offset))
+    held = _weight_args(q)  # with copies, it keeps them alive through the call
+    weight = held[:7]
     threads = max(1, min(torch.get_num_threads(), n * k // MATMUL_PARAMS_PER_THREAD))
-    bounds = [n * t // threads for t in range(threads + 1)]
+    if threads == 1:
+        lib.nf4_matmul(*weight, x2.data_ptr(), m, k, n, 0, n, q.blocksize, out.data_ptr())
+    else:
+        bounds = [n * t // threads for t in range(threads + 1)]
 
-    def part(t: int) -> None:
-        lib.nf4_matmul(
-            codes.data_ptr(), *tables, levels.data_ptr(), x2.data_ptr(), m, k, n, bounds[t], bounds[t + 1],
-            q.blocksize, out.data_ptr(),
-        )  # fmt: skip
+        def part(t: int) -> None:
+            lib.nf4_matmul(*weight, x2.data_ptr(), m, k, n, bounds[t], bounds[t + 1], q.blocksize, out.data_ptr())
 
-    _run(part, threads)
+        _run(part, threads)
     if bias is not None:
         out += bias.float()
-    return out.to(x.dtype).view(*x.shape[:-1], n)
+    if x.dtype != torch.float32:
+        out = out.to(x.dtype)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
