@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -143,6 +144,17 @@ def test_native_matmul_keeps_a_weights_arguments_and_sees_in_place_updates():
     got = native.matmul(x, q)
     assert not torch.equal(got, first)
     torch.testing.assert_close(got, x @ nf4.dequantize(q).T, rtol=1e-5, atol=1e-5)
+
+
+def test_native_matmul_of_a_deep_copy_reads_the_copy():
+    q = nf4.quantize(torch.randn(64, 128) * 0.1)
+    x = torch.randn(2, 128)
+    native.matmul(x, q)  # q now carries its arguments, which a deep copy copies too
+    twin = copy.deepcopy(q)
+    want = native.matmul(x, twin)
+    q.data.zero_()  # the original changes: the copy must not be reading it
+    assert torch.equal(native.matmul(x, twin), want)
+    assert not torch.equal(native.matmul(x, q), want)
 
 
 def test_native_matmul_does_not_keep_copies():

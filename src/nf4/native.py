@@ -167,12 +167,15 @@ def matmul_usable(x: torch.Tensor, q: QuantizedTensor) -> bool:
 
 
 def _weight_args(q: QuantizedTensor) -> tuple:
-    """``nf4_matmul``'s weight arguments for q: codes, the five scale tables, the levels. Kept on q (frozen: its
-    tensors stay the same objects) when they are q's own tensors, not copies, so in-place updates still show;
-    building them costs ~2 us of the ~20 a small call took, and generation asks for the same weights every token."""
+    """``nf4_matmul``'s weight arguments for q: codes, the five scale tables, the levels. Kept on q when they are
+    q's own tensors, not copies (so in-place updates show), and used again only while those tensors are where they
+    were: a deep copy or an unpickled q carries the entry but not the memory. Building them cost ~2 us of the ~20 a
+    small call took, and generation asks for the same weights every token."""
+    own = (q.data, q.absmax, q.quant_map, q.nested_quant_map, q.nested_absmax)
+    where = tuple(t.data_ptr() if t is not None else 0 for t in own)
     cached = q.__dict__.get("_native_args")
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] == where:
+        return cached[1]
     codes, levels = q.data.contiguous(), q.quant_map.float().contiguous()
     if q.nested_absmax is None:  # (fp32 absmax, 8-bit absmax codes, nested map, nested absmax, offset)
         absmax = q.absmax.float().contiguous()
@@ -184,9 +187,8 @@ def _weight_args(q: QuantizedTensor) -> tuple:
         tensors = (codes, codes8, nested_map, nested_absmax, levels)
         tables = (0, codes8.data_ptr(), nested_map.data_ptr(), nested_absmax.data_ptr(), float(q.nested_offset))
     args = (codes.data_ptr(), *tables, levels.data_ptr())
-    own = (q.data, q.absmax, q.nested_quant_map, q.nested_absmax, q.quant_map)
     if all(any(t is o for o in own) for t in tensors):
-        q.__dict__["_native_args"] = args
+        q.__dict__["_native_args"] = (where, args)
         return args
     return (*args, tensors)  # copies: kept alive for the call by the tuple
 
