@@ -166,16 +166,17 @@ def matmul_usable(x: torch.Tensor, q: QuantizedTensor) -> bool:
     return usable(q.data, x.dtype) and x.device.type == "cpu" and len(q.shape) == 2 and rows <= MATMUL_MAX_M
 
 
-def _weight_args(q: QuantizedTensor) -> tuple:
+def _weight_args(q: QuantizedTensor) -> tuple[tuple, tuple[torch.Tensor, ...]]:
     """``nf4_matmul``'s weight arguments for q: codes, the five scale tables, the levels. Kept on q when they are
     q's own tensors, not copies (so in-place updates show), and used again only while those tensors are where they
     were: a deep copy or an unpickled q carries the entry but not the memory. Building them cost ~2 us of the ~20 a
-    small call took, and generation asks for the same weights every token."""
+    small call took, and generation asks for the same weights every token. Returns (the arguments, the tensors they
+    point into: the caller holds them through the call)."""
     own = (q.data, q.absmax, q.quant_map, q.nested_quant_map, q.nested_absmax)
     where = tuple(t.data_ptr() if t is not None else 0 for t in own)
     cached = q.__dict__.get("_native_args")
     if cached is not None and cached[0] == where:
-        return cached[1]
+        return cached[1:]
     codes, levels = q.data.contiguous(), q.quant_map.float().contiguous()
     if q.nested_absmax is None:  # (fp32 absmax, 8-bit absmax codes, nested map, nested absmax, offset)
         absmax = q.absmax.float().contiguous()
@@ -188,9 +189,8 @@ def _weight_args(q: QuantizedTensor) -> tuple:
         tables = (0, codes8.data_ptr(), nested_map.data_ptr(), nested_absmax.data_ptr(), float(q.nested_offset))
     args = (codes.data_ptr(), *tables, levels.data_ptr())
     if all(any(t is o for o in own) for t in tensors):
-        q.__dict__["_native_args"] = (where, args)
-        return args
-    return (*args, tensors)  # copies: kept alive for the call by the tuple
+        q.__dict__["_native_args"] = (where, args, tensors)
+    return args, tensors
 
 
 def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,8 +210,7 @@ def matmul(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None
         x2 = x.reshape(-1, k).float().contiguous()
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
-    held = _weight_args(q)  # with copies, it keeps them alive through the call
-    weight = held[:7]
+    weight, held = _weight_args(q)  # held: copies made for this call live until it returns
     threads = max(1, min(torch.get_num_threads(), n * k // MATMUL_PARAMS_PER_THREAD))
     if threads == 1:
         lib.nf4_matmul(*weight, x2.data_ptr(), m, k, n, 0, n, q.blocksize, out.data_ptr())
