@@ -82,7 +82,6 @@ def test_fsdp_needs_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
 
 GATHER = """
 import json, sys, torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -118,7 +117,7 @@ for i, (m, q) in enumerate(zip(model, originals)):
     m.reshard()
 with open(sys.argv[1] + f".{rank}", "w") as f:
     json.dump(report, f)
-dist.destroy_process_group()
+fsdp.exit_worker()
 """
 
 
@@ -208,6 +207,41 @@ def test_fsdp_finetune_matches_one_process_and_resumes(
     # each rank holds half of the 4-bit base (every dim of this model splits evenly)
     for row in two["memory"]:
         assert row["base_bytes"] * 2 == row["whole_base_bytes"]
+
+
+# ------------------------------------------------------------------------------------------------- exit
+
+EXIT = """
+import sys
+from nf4 import fsdp
+
+rank, world, _ = fsdp.init_distributed(60)
+print(f"rank {rank} done", end="")  # no newline, stdout a pipe: still buffered when the worker leaves
+fsdp.exit_worker(int(sys.argv[1]) if rank == 1 else 0)
+"""
+
+
+@pytest.mark.parametrize("code", [0, 5])
+def test_exit_worker_flushes_and_keeps_the_status(tmp_path: Path, code: int) -> None:
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT)
+    run = _torchrun([str(script), str(code)])
+    assert "rank 0 done" in run.stdout and "rank 1 done" in run.stdout
+    if code == 0:
+        assert run.returncode == 0, run.stderr[-3000:]
+    else:
+        assert run.returncode != 0 and f"exitcode  : {code}" in run.stderr
+
+
+def test_cli_fsdp_outside_torchrun_returns_an_error(
+    tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Not a torchrun worker: ``main`` reports and returns (it leaves by exit_worker only inside a job)."""
+    for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    model, data = tiny
+    assert main(["finetune", str(model), str(data), "--out", str(tmp_path / "x"), *TINY, "--fsdp"]) == 1
+    assert "needs torchrun" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------- failure

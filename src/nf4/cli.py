@@ -310,8 +310,22 @@ def _return_freed_tensors_to_the_os() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``nf4`` script; returns the exit status."""
+    """Entry point of the ``nf4`` script; returns the exit status. A torchrun worker of ``finetune --fsdp`` does
+    not return: it exits by ``fsdp.exit_worker`` once its output is printed (its interpreter's shutdown can abort).
+    """
     args = _parser().parse_args(argv)
+    code = _run_command(args)
+    if args.command == "finetune" and args.fsdp:
+        import torch.distributed as dist
+
+        from nf4 import fsdp
+
+        if dist.is_torchelastic_launched():
+            fsdp.exit_worker(code)
+    return code
+
+
+def _run_command(args: argparse.Namespace) -> int:
     _return_freed_tensors_to_the_os()
     run = {"quantize": _quantize, "inspect": _inspect, "generate": _generate, "finetune": _finetune, "merge": _merge}
     run = (run | {"eval": evaluate.run_cli})[args.command]

@@ -28,10 +28,11 @@ and has each rank read only its rows from the checkpoint (``load_model``).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -457,6 +458,24 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def exit_worker(code: int = 0) -> NoReturn:
+    """End a torchrun worker: destroy the process group, flush stdout and stderr, and exit without the
+    interpreter's shutdown.
+
+    Why: gloo's worker threads outlive ``destroy_process_group`` while FSDP2's state still holds the group, and
+    a collective's work can drop the last reference to a tensor after the caller's ``wait`` returned. If that
+    happens while the interpreter shuts down, the thread cannot take the GIL to free the tensor's Python object,
+    is unwound through a noexcept destructor, and the process aborts ("terminate called without an active
+    exception"; pytorch#190489): a finished job then fails. Seen in about one 2-rank CPU run in 150 here, and in
+    two CI runs. Every output must be written (files closed) before the call.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def row_range(rows: int, rank: int, world_size: int) -> tuple[int, int]:
