@@ -1,7 +1,7 @@
 """NF4 kernels against the device copy floor, bitsandbytes and bf16 torch.matmul, on one GPU in one process.
 
 Usage: python benchmarks/kernels.py [--out DIR] [--shapes A,B]. Prints one JSON line per measurement, a table
-last, and writes kernels.json to DIR. Medians of CUDA-event timings (triton.testing.do_bench); M <= 128, dequantize
+and each of issue 3's targets as met or not by this run's figures last, and writes kernels.json to DIR. Medians of CUDA-event timings (triton.testing.do_bench); M <= 128, dequantize
 and the quantize kernels replayed under a CUDA graph, where launch gaps vanish (the quantize op itself reads its
 offset on the host, so it is timed eagerly). Last, the linear layers of an 8B decode step at batch 1, 4 and 16, as
 the checkpoint has them (7 matmuls a layer) and with q/k/v and gate/up fused (4).
@@ -15,6 +15,7 @@ import gc
 import json
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
@@ -252,6 +253,49 @@ def decode_step(batch: int = 1) -> None:
     )
 
 
+class Target(NamedTuple):
+    """One of issue 3's targets: which records it reads, the figure it takes from each, and its bound."""
+
+    name: str
+    kind: str
+    pick: Callable[[dict], bool]
+    value: Callable[[dict], float]
+    bound: float
+    at_most: bool  # the figure must be <= bound (else >=)
+
+
+TARGETS = [
+    Target("quantize + double quant, kernels / floor", "quantize", lambda r: True,
+           lambda r: r["kernels_over_floor"], 1.5, True),
+    Target("dequantize -> bf16 / floor", "dequantize", lambda r: True, lambda r: r["ours_over_floor"], 1.15, True),
+    Target("M=1 on the 70B shapes, speed / bf16", "matmul", lambda r: r["M"] == 1 and r["shape"].startswith("70B"),
+           lambda r: r["speedup_vs_bf16"], 3.5, False),
+    Target("M=1 on the 8B shapes, speed / bf16", "matmul", lambda r: r["M"] == 1 and r["shape"].startswith("8B"),
+           lambda r: r["speedup_vs_bf16"], 3.0, False),
+    Target("M=16, speed / bf16", "matmul", lambda r: r["M"] == 16, lambda r: r["speedup_vs_bf16"], 3.0, False),
+    Target("M=2048, time / bf16", "matmul", lambda r: r["M"] == 2048, lambda r: r["ours_ms"] / r["bf16_ms"], 1.05,
+           True),
+    Target("8B decode step at batch 1, tokens/s / bf16", "decode_step_8B_linears", lambda r: r["batch"] == 1,
+           lambda r: r["ours_speedup_vs_bf16"], 3.0, False),
+]  # fmt: skip
+
+
+def verdicts(results: list[dict]) -> list[dict]:
+    """Each target against the records of one run: the figures (worst first, with their shape) and how many meet
+    it. One run's records only, so a verdict never mixes cards."""
+    rows = []
+    for t in TARGETS:
+        figures = [
+            (round(t.value(r), 2), r.get("shape", f"batch {r.get('batch')}"))
+            for r in results
+            if r["what"] == t.kind and t.pick(r)
+        ]
+        figures.sort(reverse=t.at_most)
+        met = sum(v <= t.bound if t.at_most else v >= t.bound for v, _ in figures)
+        rows.append(dict(target=f"{t.name} {'<=' if t.at_most else '>='} {t.bound}", figures=figures, met=met))
+    return rows
+
+
 def summary() -> None:
     print("\nshape     M      bf16_ms   ours_ms   bnb_ms   ours/bf16 speedup  bnb speedup")
     for r in RESULTS:
@@ -262,6 +306,12 @@ def summary() -> None:
             )
         elif r["what"] in ("quantize", "dequantize", "decode_step_8B_linears", "copy_GBps"):
             print({k: v for k, v in r.items() if k not in ("floor_ms",)})
+    print("\nissue 3's targets (this run):")
+    for v in verdicts(RESULTS):
+        n = len(v["figures"])
+        status = "met" if n and v["met"] == n else f"met on {v['met']} of {n}"
+        shown = ", ".join(f"{name} {x}" for x, name in v["figures"])
+        print(f"  {v['target']}: {status} ({shown})")
 
 
 if __name__ == "__main__":
