@@ -1,10 +1,11 @@
 """NF4 kernels against the device copy floor, bitsandbytes and bf16 torch.matmul, on one GPU in one process.
 
-Usage: python benchmarks/kernels.py [--out DIR] [--shapes A,B]. Prints one JSON line per measurement, a table
-and each of issue 3's targets as met or not by this run's figures last, and writes kernels.json to DIR. Medians of CUDA-event timings (triton.testing.do_bench); M <= 128, dequantize
-and the quantize kernels replayed under a CUDA graph, where launch gaps vanish (the quantize op itself reads its
-offset on the host, so it is timed eagerly). Last, the linear layers of an 8B decode step at batch 1, 4 and 16, as
-the checkpoint has them (7 matmuls a layer) and with q/k/v and gate/up fused (4).
+Usage: python benchmarks/kernels.py [--out DIR] [--shapes A,B], or --summary kernels.json (a saved run, no GPU).
+Prints one JSON line per measurement, then a table and each of issue 3's targets, met or not by this run's own
+figures, and writes kernels.json to DIR. Medians of CUDA-event timings (triton.testing.do_bench); M <= 128,
+dequantize and the quantize kernels replayed under a CUDA graph, where launch gaps vanish (the quantize op itself
+reads its offset on the host, so it is timed eagerly). Last, the linear layers of an 8B decode step at batch 1, 4
+and 16, as the checkpoint has them (7 matmuls a layer) and with q/k/v and gate/up fused (4).
 benchmarks/kernels_sweep.py times the kernels' tile configurations.
 """
 
@@ -72,7 +73,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--summary", metavar="JSON", help="print the table and verdicts of a saved kernels.json")
     args = parser.parse_args()
+    if args.summary:
+        with open(args.summary) as f:
+            RESULTS.extend(json.load(f))
+        summary()
+        return
     import bitsandbytes as bnb
 
     record(

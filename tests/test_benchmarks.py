@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +70,13 @@ def test_summary_prints_the_verdicts(monkeypatch: pytest.MonkeyPatch, capsys: py
     assert "dequantize -> bf16 / floor <= 1.15: met (70B_up 1.13, 70B_down 1.13)" in out
     assert "M=2048, time / bf16 <= 1.05: met on 1 of 2 (70B_up 1.11, 8B_qo 1.04)" in out
     assert "M=16, speed / bf16 >= 3.0: met on 0 of 1 (70B_up 1.0)" in out
+
+
+def test_summary_of_a_saved_run(tmp_path: Path) -> None:
+    """--summary reads kernels.json (no GPU needed) and prints the same verdicts."""
+    saved = tmp_path / "kernels.json"
+    saved.write_text(json.dumps(RUN))
+    script = Path(__file__).parents[1] / "benchmarks" / "kernels.py"
+    run = subprocess.run([sys.executable, str(script), "--summary", str(saved)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "8B decode step at batch 1, tokens/s / bf16 >= 3.0: met on 0 of 1 (batch 1 1.52)" in run.stdout
