@@ -464,12 +464,14 @@ def exit_worker(code: int = 0) -> NoReturn:
     """End a torchrun worker: destroy the process group, flush stdout and stderr, and exit without the
     interpreter's shutdown.
 
-    Why: gloo's worker threads outlive ``destroy_process_group`` while FSDP2's state still holds the group, and
-    a collective's work can drop the last reference to a tensor after the caller's ``wait`` returned. If that
-    happens while the interpreter shuts down, the thread cannot take the GIL to free the tensor's Python object,
-    is unwound through a noexcept destructor, and the process aborts ("terminate called without an active
-    exception"; pytorch#190489): a finished job then fails. Seen in about one 2-rank CPU run in 150 here, and in
-    two CI runs. Every output must be written (files closed) before the call.
+    Why: gloo's worker threads outlive ``destroy_process_group`` while FSDP2's state still holds the group, and a
+    finished all-gather's work object is destroyed on its worker thread after the caller's ``wait`` returned. If
+    it holds the last reference to a view whose Python object must be freed while the interpreter shuts down, the
+    thread cannot take the GIL, Python ends it with ``pthread_exit``, its unwinding meets a noexcept destructor and
+    the process aborts ("terminate called without an active exception"): a finished job then fails. A core dump's
+    backtrace showed exactly that (~AsyncAllgatherWork, ~TensorImpl, decref_pyobject, take_gil, pthread_exit,
+    std::terminate; the main thread in Py_FinalizeEx), in about one 2-rank CPU run in 150 here and in two CI runs.
+    Every output must be written (files closed) before the call.
     """
     if dist.is_initialized():
         dist.destroy_process_group()
