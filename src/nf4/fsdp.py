@@ -473,11 +473,13 @@ def exit_worker(code: int = 0) -> NoReturn:
     std::terminate; the main thread in Py_FinalizeEx), in about one 2-rank CPU run in 150 here and in two CI runs.
     Every output must be written (files closed) before the call.
     """
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:  # a closed pipe's flush error must not send the worker back to the interpreter's shutdown
+        os._exit(code)
 
 
 def row_range(rows: int, rank: int, world_size: int) -> tuple[int, int]:
