@@ -470,7 +470,7 @@ def exit_worker(code: int = 0) -> NoReturn:
     thread cannot take the GIL, Python ends it with ``pthread_exit``, its unwinding meets a noexcept destructor and
     the process aborts ("terminate called without an active exception"): a finished job then fails. A core dump's
     backtrace showed exactly that (~AsyncAllgatherWork, ~TensorImpl, decref_pyobject, take_gil, pthread_exit,
-    std::terminate; the main thread in Py_FinalizeEx), in about one 2-rank CPU run in 150 here and in two CI runs.
+    std::terminate; the main thread in Py_FinalizeEx), in 2 of ~540 2-rank CPU runs here and in two CI runs.
     Every output must be written (files closed) before the call.
     """
     try:
