@@ -284,17 +284,20 @@ GEMV_TC_CONFIGS = [None, kgemv_tc.GemvTcConfig(split_k=1), kgemv_tc.GemvTcConfig
 
 @pytest.mark.parametrize("case", GEMV_TC_CASES)
 @pytest.mark.parametrize("config", GEMV_TC_CONFIGS, ids=["default", "split1", "split2-one-program"])
-def test_gemv_tc_matches_dequantize_then_fp32_matmul(case: tuple, config: kgemv_tc.GemvTcConfig | None) -> None:
-    # the interpreter runs the kernel's fragment bookkeeping (which lane holds which rows, k and block slots) with
-    # an einsum in place of the mma and a computed pair in place of the table: a wrong slot or row shows here
+@pytest.mark.parametrize("m", [1, 2])
+def test_gemv_tc_matches_dequantize_then_fp32_matmul(case: tuple, config: kgemv_tc.GemvTcConfig | None, m: int) -> None:
+    # the interpreter runs the kernel's fragment bookkeeping (which lane holds which rows, k, block slots and x
+    # rows) with an einsum in place of the mma and a computed pair in place of the table: a wrong slot or row shows
+    # here; each row of x is checked on its own, so rows swapped or summed together fail
     n, k, blocksize, double_quant, dtype = case
     q = format.quantize(torch.randn(n, k), blocksize=blocksize, double_quant=double_quant)
-    x = torch.randn(1, k, dtype=dtype)
+    x = torch.randn(m, k, dtype=dtype) * torch.tensor([1.0, 10.0][:m], dtype=dtype)[:, None]
     bias = torch.randn(n, dtype=dtype)
     out = kgemv_tc.gemv_tc(x, *_qargs(q), n, bias, config)
     ref = x.float() @ format.dequantize(q, dtype).float().T + bias.float()
-    assert out.dtype == dtype and out.shape == (1, n)
-    assert ((out.float() - ref).norm() / ref.norm()).item() < MMA_TOLERANCE[dtype]
+    assert out.dtype == dtype and out.shape == (m, n)
+    for row in range(m):
+        assert ((out[row].float() - ref[row]).norm() / ref[row].norm()).item() < MMA_TOLERANCE[dtype]
 
 
 def test_gemv_tc_reads_x_and_codes_through_views() -> None:
@@ -312,10 +315,21 @@ def test_gemv_tc_reads_x_and_codes_through_views() -> None:
     assert torch.equal(kgemv_tc.gemv_tc(x, data, *_qargs(q)[1:], 24, None, config), out)
 
 
-def test_gemv_tc_takes_one_half_precision_row_of_whole_64_blocks() -> None:
+def test_gemv_tc_reads_two_rows_of_x_at_any_stride() -> None:
+    # rows 260 elements apart (not a multiple of 8: copied for the 16-byte loads) and 264 apart (read in place)
+    q = format.quantize(torch.randn(40, 256))
+    for stride in (260, 264):
+        x = torch.randn(2, stride, dtype=torch.float16)[:, :256]
+        out = kgemv_tc.gemv_tc(x, *_qargs(q), 40, None)
+        ref = x.float() @ format.dequantize(q, torch.float16).float().T
+        assert ((out.float() - ref).norm() / ref.norm()).item() < MMA_TOLERANCE[torch.float16]
+
+
+def test_gemv_tc_takes_one_or_two_half_precision_rows_of_whole_64_blocks() -> None:
     x = torch.randn(1, 128, dtype=torch.bfloat16)
     assert kgemv_tc.supported(x, 128, 64) and kgemv_tc.supported(x.half(), 128, 128)
-    assert not kgemv_tc.supported(x.float(), 128, 64) and not kgemv_tc.supported(torch.cat([x, x]), 128, 64)
+    assert kgemv_tc.supported(torch.cat([x, x]), 128, 64) and not kgemv_tc.supported(torch.cat([x, x, x]), 128, 64)
+    assert not kgemv_tc.supported(x.float(), 128, 64) and not kgemv_tc.supported(x[:0], 128, 64)
     assert not kgemv_tc.supported(x, 128, 32) and not kgemv_tc.supported(x[:, :96], 96, 32)
 
 
@@ -386,7 +400,7 @@ def test_table_kernels_run_through_an_opaque_op_under_compile(monkeypatch: pytes
     monkeypatch.setattr(kgemv_tc, "MIN_PARAMS", 0)  # one row of a small weight, here
     q = format.quantize(torch.randn(48, 256))
     qargs = (*_qargs(q), 48, None)
-    for m, kernel in ((1, kgemv_tc.gemv_tc), (3, kgemv_tcm.gemv_tcm)):
+    for m, kernel in ((1, kgemv_tc.gemv_tc), (2, kgemv_tc.gemv_tc), (3, kgemv_tcm.gemv_tcm)):
         x = torch.randn(m, 256, dtype=torch.bfloat16)
         compiled = torch.compile(lambda x: torch.ops.nf4.matmul_table(x, *qargs) * 2, fullgraph=True)
         assert torch.equal(compiled(x), kernel(x, *qargs) * 2)

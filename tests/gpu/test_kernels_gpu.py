@@ -117,11 +117,13 @@ def test_matmul_input_gradient() -> None:
     assert rel < 1e-2
 
 
-@pytest.mark.parametrize("mnk", [(1, 256, 128), (4, 256, 128), (1, 1024, 4096), (1, 8192, 8192), (16, 4096, 4096)])
+@pytest.mark.parametrize(
+    "mnk", [(1, 256, 128), (4, 256, 128), (1, 1024, 4096), (1, 8192, 8192), (2, 4096, 4096), (16, 4096, 4096)]
+)
 def test_compile_fullgraph(mnk: tuple) -> None:
     # M = 1: the FMA kernel with x by plain loads (torch.compile's write analysis rejects inline PTX that takes a
     # pointer), split-K with fresh counters after eager calls made the cached ones (a real tensor in a fake trace
-    # failed); one row of a weight of at least MIN_PARAMS and M = 4, 16: the table kernels, through the opaque
+    # failed); one row of a weight of at least MIN_PARAMS and M = 2, 4, 16: the table kernels, through the opaque
     # nf4::matmul_table, so the same kernels as eager mode and the same bits
     from nf4.kernels import gemv_tc as kgemv_tc
 
@@ -301,18 +303,21 @@ TABLE_TOLERANCE = 6e-3
     [(28672, 8192, 64, "nf4", True), (8192, 28672, 64, "nf4", False), (4097, 4160, 64, "fp4", True),
      (11, 14336, 128, "int4", False), (1000, 4096, 256, "nf4", True)],
 )  # fmt: skip
-@pytest.mark.parametrize("m", [1, 2, 8, 9, 16])
+@pytest.mark.parametrize(("name", "m"), [("tc", 1), ("tc", 2), ("tcm", 2), ("tcm", 8), ("tcm", 9), ("tcm", 16)])
 @pytest.mark.parametrize("config", [None, (1,), (3, 1), (32,)], ids=["default", "split1", "split3-1sm", "split32"])
-def test_table_kernels_sizes_and_configs(dtype: torch.dtype, case: tuple, m: int, config: tuple | None) -> None:
+def test_table_kernels_sizes_and_configs(
+    dtype: torch.dtype, case: tuple, name: str, m: int, config: tuple | None
+) -> None:
     # the tensor-core table kernels (inline PTX: the shared-memory table, the mma fragments; split-K partial sums):
-    # gemv_tc at M = 1, gemv_tcm at 2-16 (one or two n8 mmas a k16, 64 or 80 registers); on the 70B projections, a
-    # partial last step (K = 4160) and odd N, fewer rows than a warp's 16, blocksizes 128 / 256, each level table;
-    # one slice, 3 slices on one program an SM (many items a program), 32 slices; each row of the output checked
+    # gemv_tc at M = 1-2 (x rows in the mma's columns beside the blocks), gemv_tcm at 2-16 (one or two n8 mmas a
+    # k16, 64 or 80 registers); on the 70B projections, a partial last step (K = 4160) and odd N, fewer rows than a
+    # warp's 16, blocksizes 128 / 256, each level table; one slice, 3 slices on one program an SM (many items a
+    # program), 32 slices; each row of the output checked
     from nf4.kernels import gemv_tc as kgemv_tc
     from nf4.kernels import gemv_tcm as kgemv_tcm
 
     kernel, make_config = (
-        (kgemv_tc.gemv_tc, kgemv_tc.GemvTcConfig) if m == 1 else (kgemv_tcm.gemv_tcm, kgemv_tcm.GemvTcmConfig)
+        (kgemv_tc.gemv_tc, kgemv_tc.GemvTcConfig) if name == "tc" else (kgemv_tcm.gemv_tcm, kgemv_tcm.GemvTcmConfig)
     )
     n, k, blocksize, quant_type, double_quant = case
     q = ops.quantize(torch.randn(n, k, device="cuda"), quant_type, blocksize, double_quant)
@@ -327,7 +332,10 @@ def test_table_kernels_sizes_and_configs(dtype: torch.dtype, case: tuple, m: int
     worst_row = ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()  # a row of x lost shows here
     assert out.dtype == dtype and out.shape == (m, n) and rel < TABLE_TOLERANCE and worst_row < 2e-2
     assert torch.equal(kernel(x, *qargs, n, bias, cfg), out)  # the slices summed in the same order
-    if m > 1 and config is None:
+    if name == "tc" and m == 2:  # the mma's columns are independent: each row as gemv_tc alone gives it
+        for r in range(2):
+            assert torch.equal(kernel(x[r : r + 1].clone(), *qargs, n, bias, cfg)[0], out[r])
+    if m > 1 and config is None and ops._table_kernel(x, blocksize, n) is kernel:
         assert torch.equal(ops.matmul(x, q, bias), out)  # ops' choice in eager mode (M = 1: the test below)
 
 

@@ -1,4 +1,5 @@
-"""Decode (M = 1) on tensor cores: out = x @ W^T (+ bias) for one row of bf16/fp16 x, W read once as 4-bit codes.
+"""Decode (M = 1-2) on tensor cores: out = x @ W^T (+ bias) for one or two rows of bf16/fp16 x, W read once as 4-bit
+codes.
 
 The FMA kernel (gemv.py) is bound by one lookup per weight on the L1 pipe (a warp shuffle) plus an fma. Here a
 code *byte* (two weights) is looked up once, as a pair of levels in x's dtype, and the products are summed by
@@ -16,7 +17,9 @@ address), one shared-memory load (the pair), 1/8 of an mma.
   256 elements of each row, in two quarters of 16 bytes a lane (8 mmas each). The mma's 8 columns, which a
   matmul would give to 8 rows of x, are given to blocks instead: the x column of slot c holds x only where the
   step's block c is (0 elsewhere), so each block's sum lands in its own column and is scaled by its own absmax
-  once, after the step's 16 mmas.
+  once, after the step's 16 mmas. A step has 4 blocks, so columns 4-7 take a second row of x (column 4 r + c:
+  row r, block c) at no extra work: M = 2 costs what M = 1 does (H200, nineteenth session: 28672x8192 0.0597 ms
+  against 0.0579 for one row and 0.0727 for gemv_tcm; each row's bits equal its M = 1 result).
 - Persistent: 4 programs of 8 warps an SM (registers capped at 64 and a 32 KiB table: 32 warps an SM; with 2
   programs of 98 registers and a 64 KiB table it took 0.076 ms on 28672x8192 against 0.066, with 3 programs of
   100 registers 0.087: at 16 warps an SM it is latency-bound, 36% of its stalls waiting on the table loads),
@@ -58,6 +61,7 @@ MAX_REGISTERS = 64
 # 4096x14336) and the 8B's fused q/k/v, 6144x4096 (0.0105 ms against 0.0136, fifteenth session); 4096x4096 (3%
 # slower here) and smaller stay on gemv.py.
 MIN_PARAMS = 5 << 22
+MAX_M = 2  # rows of x: 4 blocks a step x 2 rows fill the mma's 8 columns
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,10 @@ class GemvTcConfig:
 
 
 def supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
-    """One row of bf16/fp16 x, rows of whole 64-element blocks (a block is one or more mma column slots)."""
-    return x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and k % 64 == 0 and blocksize % 64 == 0
+    """One or two rows of bf16/fp16 x, rows of whole 64-element blocks (a block is one or more mma column slots)."""
+    return (
+        1 <= x.shape[0] <= MAX_M and x.dtype in (torch.bfloat16, torch.float16) and k % 64 == 0 and blocksize % 64 == 0
+    )
 
 
 # The pair of levels of code byte e in x's dtype: level[e >> 4] in the low half (the even element), level[e & 15]
@@ -189,17 +195,19 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW: tl.constexpr, X_KIND: tl.co
     return d0, d1, d2, d3
 
 
-# v + v of lane ^ 1, then + that of lane ^ 2: the sum over a row's 4 lanes (t), in each of them.
+# v + v of lane ^ 1 (SPAN = 2), then + that of lane ^ 2 (SPAN = 4): the sum over SPAN neighbouring lanes, in each.
 @triton.jit
-def _sum_over_t(v, NW: tl.constexpr, INTERPRETED: tl.constexpr):
+def _sum_over_t(v, NW: tl.constexpr, SPAN: tl.constexpr, INTERPRETED: tl.constexpr):
     if INTERPRETED:
-        quads = tl.sum(tl.reshape(v, (NW * 8, 4)), axis=1)
-        return tl.reshape(tl.broadcast_to(quads[:, None], (NW * 8, 4)), (NW * 32,))
+        groups = tl.sum(tl.reshape(v, (NW * 32 // SPAN, SPAN)), axis=1)
+        return tl.reshape(tl.broadcast_to(groups[:, None], (NW * 32 // SPAN, SPAN)), (NW * 32,))
     else:
         v += tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, 0xffffffff;", "=r,r", [v],
                                        dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
-        return v + tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;", "=r,r", [v],
-                                             dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+        if SPAN == 4:
+            v += tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;", "=r,r", [v],
+                                           dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+        return v
 
 
 # A quarter step: 16 bytes of row a and of row b a lane (4 code words each; a warp: 16 rows x 128 elements) and
@@ -251,9 +259,9 @@ def _step_codes(pa, s, t, wpr, live_a, live_b, INTERPRETED: tl.constexpr):
 @triton.jit
 def _gemv_tc_kernel(
     x_ptr, data_ptr, absmax_ptr, quant_map_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
-    bias_ptr, out_ptr, partial_ptr, N, K, per,
+    bias_ptr, out_ptr, partial_ptr, N, K, stride_xw, per,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     THREADS: tl.constexpr = BLOCK_N * 2  # 16 rows a warp
     NW: tl.constexpr = THREADS // 32
@@ -271,6 +279,13 @@ def _gemv_tc_kernel(
     total = tl.cdiv(n_tiles * SPLIT_K - pid, G) * per  # this program's steps
     lane8 = lane * 8
     zero = tl.zeros([THREADS], tl.float32)
+    # mma column g = 4 r + c: x row r (r < ROWS), the step's block c; lane (g, t) loads x row r's elements
+    if ROWS == 1:
+        slot = g
+        x_lane = x_ptr
+    else:
+        slot = tl.where(g < 4 * ROWS, g % 4, 4)  # 4: no block (x rows past ROWS)
+        x_lane = x_ptr + (g // 4) * stride_xw
 
     base = _table(quant_map_ptr, i, NW, X_KIND, INTERPRETED)
 
@@ -311,21 +326,27 @@ def _gemv_tc_kernel(
         na0, na1, na2, na3, nb0, nb1, nb2, nb3, nc0, nc1, nc2, nc3, nd0, nd1, nd2, nd3 = _step_codes(
             pa1, sl1 * per + step1, t, wpr, live & (r1 < N), live & (r1 + 8 < N), INTERPRETED
         )
-        # quarter h of the step: lane t's 32 elements are block slot 2h + t // 2 of the step (x column g)
-        x_step = x_ptr + s * 128 + 16 * t
+        # quarter h of the step: lane t's 32 elements are block slot 2h + t // 2 of the step (in column g's x row)
+        x_step = x_lane + s * 128 + 16 * t
         c0, c1, c2, c3 = _quarter(
-            qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, x_step, (g == t // 2) & (s * 128 + 16 * t < K // 2), lane8,
-            base, quant_map_ptr, zero, zero, zero, zero, NW, X_KIND, INTERPRETED,
+            qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, x_step, (slot == t // 2) & (s * 128 + 16 * t < K // 2),
+            lane8, base, quant_map_ptr, zero, zero, zero, zero, NW, X_KIND, INTERPRETED,
         )  # fmt: skip
         c0, c1, c2, c3 = _quarter(
-            qc0, qc1, qc2, qc3, qd0, qd1, qd2, qd3, x_step + 64, (g == 2 + t // 2) & (s * 128 + 64 + 16 * t < K // 2),
-            lane8, base, quant_map_ptr, c0, c1, c2, c3, NW, X_KIND, INTERPRETED,
+            qc0, qc1, qc2, qc3, qd0, qd1, qd2, qd3, x_step + 64,
+            (slot == 2 + t // 2) & (s * 128 + 64 + 16 * t < K // 2), lane8, base, quant_map_ptr, c0, c1, c2,
+            c3, NW, X_KIND, INTERPRETED,
         )  # fmt: skip
-        # lane t < 2 now holds the sums of slots 2t, 2t + 1 (the step's elements 128t + [0, 64), + [64, 128)) of
-        # rows a (c0, c1) and b (c2, c3); lanes 2, 3 hold zeros
-        e0 = s * 256 + 128 * t
-        m0 = (e0 < K) & (t < 2)
-        m1 = (e0 + 64 < K) & (t < 2)
+        # lane t now holds columns 2t, 2t + 1: x row t // 2's sums of the step's blocks 2 (t % 2) and 2 (t % 2) + 1
+        # (elements 128 (t % 2) + [0, 64), + [64, 128)) of rows a (c0, c1) and b (c2, c3); at ROWS = 1, lanes 2, 3
+        # hold zeros
+        if ROWS == 1:
+            half = t
+        else:
+            half = t % 2
+        e0 = s * 256 + 128 * half
+        m0 = (e0 < K) & (t < 2 * ROWS)
+        m1 = (e0 + 64 < K) & (t < 2 * ROWS)
         ma0 = m0 & (row_a < N)
         ma1 = m1 & (row_a < N)
         mb0 = m0 & (row_b < N)
@@ -340,14 +361,22 @@ def _gemv_tc_kernel(
                          DOUBLE_QUANT, INTERPRETED) * c2  # fmt: skip
         acc_b += _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr, row_b * bpr + k1, mb1,
                          DOUBLE_QUANT, INTERPRETED) * c3  # fmt: skip
-        if step_in == per - 1:  # the item's rows out: row a from lane t = 0, row b from lane t = 1
-            rows = tl.where(t == 0, row_a, row_b)
-            result = tl.where(t == 0, _sum_over_t(acc_a, NW, INTERPRETED), _sum_over_t(acc_b, NW, INTERPRETED))
-            own = (t < 2) & (rows < N)
-            if SPLIT_K == 1:
-                _store_rows(result, rows, own, N, bias_ptr, out_ptr, HAS_BIAS, INTERPRETED)
+        if step_in == per - 1:  # the item's rows out: x row t // 2, of W row a from lane t % 2 = 0, b from 1
+            SPAN: tl.constexpr = 4 // ROWS  # the lanes of an x row
+            if ROWS == 1:
+                first = t == 0
+                xr = 0
             else:
-                tl.store(partial_ptr + sl * N + rows, result, mask=own)
+                first = t % 2 == 0
+                xr = t // 2
+            rows = tl.where(first, row_a, row_b)
+            sum_a = _sum_over_t(acc_a, NW, SPAN, INTERPRETED)
+            result = tl.where(first, sum_a, _sum_over_t(acc_b, NW, SPAN, INTERPRETED))
+            own = (t < 2 * ROWS) & (rows < N)
+            if SPLIT_K == 1:
+                _store_rows(result, rows, own, N, bias_ptr, out_ptr + xr * N, HAS_BIAS, INTERPRETED)
+            else:
+                tl.store(partial_ptr + (sl * ROWS + xr) * N + rows, result, mask=own)
             acc_a = zero
             acc_b = zero
         item = item1
@@ -397,12 +426,12 @@ def gemv_tc(
     bias: torch.Tensor | None,
     config: GemvTcConfig | None = None,
 ) -> torch.Tensor:
-    """x [1, K] (bf16/fp16) @ W[n, K]^T (+ bias) -> [1, n] in x's dtype."""
-    k = x.shape[1]
+    """x [M, K] (bf16/fp16, M = 1 or 2) @ W[n, K]^T (+ bias) -> [M, n] in x's dtype."""
+    m, k = x.shape
     assert supported(x, k, blocksize), (x.shape, x.dtype, blocksize)
     if config is None or config.split_k == 0:
         config = GemvTcConfig(default_config(n, k, x.device).split_k, (config or GemvTcConfig()).programs_per_sm)
-    if x.stride(1) != 1 or x.storage_offset() % 8:  # 16-byte loads of x
+    if x.stride(1) != 1 or x.storage_offset() % 8 or (m > 1 and x.stride(0) % 8):  # 16-byte loads of x's rows
         x = x.clone(memory_format=torch.contiguous_format)
     codes = data.reshape(-1)
     if codes.storage_offset() % 16:
@@ -412,9 +441,9 @@ def gemv_tc(
     split_k = -(-steps // per)  # no empty slices
     items = -(-n // BLOCK_N) * split_k
     rounds = -(-items // programs(x.device, config.programs_per_sm))
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if split_k > 1:
-        partial = torch.empty((split_k, 1, n), dtype=torch.float32, device=x.device)
+        partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     else:  # a stand-in the kernel does not read
         partial = out
     double_quant = nested_absmax is not None
@@ -423,9 +452,11 @@ def gemv_tc(
     options = {} if interpreted() else {"maxnreg": MAX_REGISTERS}
     run(
         _gemv_tc_kernel, (-(-items // rounds),), x.view(torch.int32), codes.view(torch.int32), absmax, quant_map,
-        nested_absmax, nested_quant_map, nested_offset, bias if bias is not None else out, out, partial, n, k, per,
+        nested_absmax, nested_quant_map, nested_offset, bias if bias is not None else out, out, partial, n, k,
+        x.stride(0) // 2 if m > 1 else 0, per,
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
-        X_KIND=0 if x.dtype == torch.bfloat16 else 1, BLOCK_N=BLOCK_N, SPLIT_K=split_k, INTERPRETED=interpreted(),
+        X_KIND=0 if x.dtype == torch.bfloat16 else 1, BLOCK_N=BLOCK_N, SPLIT_K=split_k, ROWS=m,
+        INTERPRETED=interpreted(),
         num_warps=BLOCK_N // 16, **options,
     )  # fmt: skip
     if split_k > 1:
