@@ -284,7 +284,7 @@ def _gemv_tc_kernel(
         slot = g
         x_lane = x_ptr
     else:
-        slot = tl.where(g < 4 * ROWS, g % 4, 4)  # 4: no block (x rows past ROWS)
+        slot = g % 4
         x_lane = x_ptr + (g // 4) * stride_xw
 
     base = _table(quant_map_ptr, i, NW, X_KIND, INTERPRETED)
