@@ -4,8 +4,8 @@ Usage: python benchmarks/kernels.py [--out DIR] [--shapes A,B], or --summary ker
 Prints one JSON line per measurement, then a table and each of issue 3's targets, met or not by this run's own
 figures, and writes kernels.json to DIR. Medians of CUDA-event timings (triton.testing.do_bench); M <= 128,
 dequantize and the quantize kernels replayed under a CUDA graph, where launch gaps vanish (the quantize op itself
-reads its offset on the host, so it is timed eagerly). Last, the linear layers of an 8B decode step at batch 1, 4
-and 16, as the checkpoint has them (7 matmuls a layer) and with q/k/v and gate/up fused (4).
+reads its offset on the host, so it is timed eagerly). Last, the linear layers of an 8B decode step at batch 1, 2,
+4 and 16, as the checkpoint has them (7 matmuls a layer) and with q/k/v and gate/up fused (4).
 benchmarks/kernels_sweep.py times the kernels' tile configurations.
 """
 
@@ -96,7 +96,7 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
-    for batch in (1, 4, 16):
+    for batch in (1, 2, 4, 16):
         decode_step(batch)
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
