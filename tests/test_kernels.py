@@ -284,14 +284,14 @@ GEMV_TC_CONFIGS = [None, kgemv_tc.GemvTcConfig(split_k=1), kgemv_tc.GemvTcConfig
 
 @pytest.mark.parametrize("case", GEMV_TC_CASES)
 @pytest.mark.parametrize("config", GEMV_TC_CONFIGS, ids=["default", "split1", "split2-one-program"])
-@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_gemv_tc_matches_dequantize_then_fp32_matmul(case: tuple, config: kgemv_tc.GemvTcConfig | None, m: int) -> None:
     # the interpreter runs the kernel's fragment bookkeeping (which lane holds which rows, k, block slots and x
     # rows) with an einsum in place of the mma and a computed pair in place of the table: a wrong slot or row shows
     # here; each row of x is checked on its own, so rows swapped or summed together fail
     n, k, blocksize, double_quant, dtype = case
     q = format.quantize(torch.randn(n, k), blocksize=blocksize, double_quant=double_quant)
-    x = torch.randn(m, k, dtype=dtype) * torch.tensor([1.0, 10.0][:m], dtype=dtype)[:, None]
+    x = torch.randn(m, k, dtype=dtype) * torch.tensor([1.0, 10.0, 0.1, 3.0][:m], dtype=dtype)[:, None]
     bias = torch.randn(n, dtype=dtype)
     out = kgemv_tc.gemv_tc(x, *_qargs(q), n, bias, config)
     ref = x.float() @ format.dequantize(q, dtype).float().T + bias.float()
@@ -325,10 +325,10 @@ def test_gemv_tc_reads_two_rows_of_x_at_any_stride() -> None:
         assert ((out.float() - ref).norm() / ref.norm()).item() < MMA_TOLERANCE[torch.float16]
 
 
-def test_gemv_tc_takes_one_or_two_half_precision_rows_of_whole_64_blocks() -> None:
+def test_gemv_tc_takes_1_to_4_half_precision_rows_of_whole_64_blocks() -> None:
     x = torch.randn(1, 128, dtype=torch.bfloat16)
     assert kgemv_tc.supported(x, 128, 64) and kgemv_tc.supported(x.half(), 128, 128)
-    assert kgemv_tc.supported(torch.cat([x, x]), 128, 64) and not kgemv_tc.supported(torch.cat([x, x, x]), 128, 64)
+    assert kgemv_tc.supported(torch.cat([x] * 4), 128, 64) and not kgemv_tc.supported(torch.cat([x] * 5), 128, 64)
     assert not kgemv_tc.supported(x.float(), 128, 64) and not kgemv_tc.supported(x[:0], 128, 64)
     assert not kgemv_tc.supported(x, 128, 32) and not kgemv_tc.supported(x[:, :96], 96, 32)
 

@@ -138,7 +138,7 @@ def _matmul_impl(
 def _matmul_cuda(x: torch.Tensor, qargs: tuple) -> torch.Tensor:
     """The fastest kernel for x's rows (H200 sweeps, docs/BENCHMARKS.md): for one row the tensor-core decode kernel
     on weights of at least gemv_tc.MIN_PARAMS, the FMA kernel otherwise (fp32 x: up to 4 rows); for 2-16 rows
-    (bf16/fp16) the table-lookup tensor-core kernels (gemv_tc for 2, gemv_tcm beyond), for up to 64 the
+    (bf16/fp16) the table-lookup tensor-core kernels (gemv_tc for 2-4, gemv_tcm beyond), for up to 64 the
     byte-permute one; dequantize + cuBLAS beyond, for no rows and partial-block rows."""
     m, k = x.shape
     blocksize = qargs[6]
@@ -155,10 +155,10 @@ def _matmul_cuda(x: torch.Tensor, qargs: tuple) -> torch.Tensor:
 
 
 def _table_kernel(x: torch.Tensor, blocksize: int, out_features: int) -> Callable[..., torch.Tensor] | None:
-    """The table kernel that takes x, if one does: gemv_tc for one row of a large weight and for two rows of any
-    (H200, nineteenth session: 6-24% faster than gemv_tcm at M = 2, as fast on 1024x4096), gemv_tcm for 3-16."""
+    """The table kernel that takes x, if one does: gemv_tc for one row of a large weight and for 2-4 rows of any
+    (H200, twentieth session: 4-25% faster than gemv_tcm at M = 2-4 on 10 Llama shapes), gemv_tcm for 5-16."""
     k = x.shape[1]
-    if _kgemv_tc.supported(x, k, blocksize) and (x.shape[0] == 2 or out_features * k >= _kgemv_tc.MIN_PARAMS):
+    if _kgemv_tc.supported(x, k, blocksize) and (x.shape[0] > 1 or out_features * k >= _kgemv_tc.MIN_PARAMS):
         return _kgemv_tc.gemv_tc
     if _kgemv_tcm.supported(x, k, blocksize):
         return _kgemv_tcm.gemv_tcm

@@ -1,4 +1,4 @@
-"""Decode (M = 1-2) on tensor cores: out = x @ W^T (+ bias) for one or two rows of bf16/fp16 x, W read once as 4-bit
+"""Decode (M = 1-4) on tensor cores: out = x @ W^T (+ bias) for 1-4 rows of bf16/fp16 x, W read once as 4-bit
 codes.
 
 The FMA kernel (gemv.py) is bound by one lookup per weight on the L1 pipe (a warp shuffle) plus an fma. Here a
@@ -14,12 +14,15 @@ address), one shared-memory load (the pair), 1/8 of an mma.
   apart from any of Triton's. (It was the allocation Triton makes for a ``tl.gather`` over a 32 KiB tensor until
   the fourteenth session: the gather's code cost 40 instructions, and the kernel is 1-4% faster without them.)
 - A warp owns 16 rows; lane (g, t) = (lane / 4, lane % 4) holds rows g and g + 8 (the fragment's rows). A step is
-  256 elements of each row, in two quarters of 16 bytes a lane (8 mmas each). The mma's 8 columns, which a
-  matmul would give to 8 rows of x, are given to blocks instead: the x column of slot c holds x only where the
-  step's block c is (0 elsewhere), so each block's sum lands in its own column and is scaled by its own absmax
-  once, after the step's 16 mmas. A step has 4 blocks, so columns 4-7 take a second row of x (column 4 r + c:
-  row r, block c) at no extra work: M = 2 costs what M = 1 does (H200, nineteenth session: 28672x8192 0.0597 ms
-  against 0.0579 for one row and 0.0727 for gemv_tcm; each row's bits equal its M = 1 result).
+  256 elements of each row, in two quarters of 16 bytes a lane (8 mmas each, each quarter its own accumulators).
+  The mma's 8 columns, which a matmul would give to 8 rows of x, are given to (x row, block) pairs instead: column
+  2 r + c holds x row r only where the quarter's block c is (0 elsewhere), so each block's sum lands in its own
+  column and is scaled by its own absmax once, after the step's 16 mmas. Four rows of x fill the columns, so
+  M = 2-4 cost about what M = 1 does; fewer leave columns of zeros. After a step lane t holds x row t's sums of
+  the step's 4 blocks; it decodes the absmax of block t of its two W rows, and its quad shares the four by
+  shuffles. (Until the twentieth session one row took columns 4 r + c, both quarters summing into them, and each
+  lane decoded 4 absmax, half of them for columns of zeros: 511 instructions a 4,096-weight step against 462 now,
+  and 28672x8192 at M = 1 took 0.0580 ms against 0.0524 now, H200.)
 - Persistent: 4 programs of 8 warps an SM (registers capped at 64 and a 32 KiB table: 32 warps an SM; with 2
   programs of 98 registers and a 64 KiB table it took 0.076 ms on 28672x8192 against 0.066, with 3 programs of
   100 registers 0.087: at 16 warps an SM it is latency-bound, 36% of its stalls waiting on the table loads),
@@ -61,7 +64,7 @@ MAX_REGISTERS = 64
 # 4096x14336) and the 8B's fused q/k/v, 6144x4096 (0.0105 ms against 0.0136, fifteenth session); 4096x4096 (3%
 # slower here) and smaller stay on gemv.py.
 MIN_PARAMS = 5 << 22
-MAX_M = 2  # rows of x: 4 blocks a step x 2 rows fill the mma's 8 columns
+MAX_M = 4  # rows of x: 2 blocks a quarter x 4 rows fill the mma's 8 columns
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class GemvTcConfig:
 
 
 def supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
-    """One or two rows of bf16/fp16 x, rows of whole 64-element blocks (a block is one or more mma column slots)."""
+    """1-4 rows of bf16/fp16 x, rows of whole 64-element blocks (a block is one or more mma column slots)."""
     return (
         1 <= x.shape[0] <= MAX_M and x.dtype in (torch.bfloat16, torch.float16) and k % 64 == 0 and blocksize % 64 == 0
     )
@@ -195,21 +198,6 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, NW: tl.constexpr, X_KIND: tl.co
     return d0, d1, d2, d3
 
 
-# v + v of lane ^ 1 (SPAN = 2), then + that of lane ^ 2 (SPAN = 4): the sum over SPAN neighbouring lanes, in each.
-@triton.jit
-def _sum_over_t(v, NW: tl.constexpr, SPAN: tl.constexpr, INTERPRETED: tl.constexpr):
-    if INTERPRETED:
-        groups = tl.sum(tl.reshape(v, (NW * 32 // SPAN, SPAN)), axis=1)
-        return tl.reshape(tl.broadcast_to(groups[:, None], (NW * 32 // SPAN, SPAN)), (NW * 32,))
-    else:
-        v += tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, 0xffffffff;", "=r,r", [v],
-                                       dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
-        if SPAN == 4:
-            v += tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;", "=r,r", [v],
-                                           dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
-        return v
-
-
 # A quarter step: 16 bytes of row a and of row b a lane (4 code words each; a warp: 16 rows x 128 elements) and
 # the lane's 32 elements of x (16 words; zero outside its column's block), 8 mmas into (c0..c3). mma j takes bytes
 # 2j and 2j + 1 of the lane's 16: its k = 2t, 2t + 1 are the elements of byte 2j, k = 2t + 8, 2t + 9 those of 2j + 1.
@@ -261,7 +249,8 @@ def _gemv_tc_kernel(
     x_ptr, data_ptr, absmax_ptr, quant_map_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
     bias_ptr, out_ptr, partial_ptr, N, K, stride_xw, per,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     THREADS: tl.constexpr = BLOCK_N * 2  # 16 rows a warp
     NW: tl.constexpr = THREADS // 32
@@ -279,16 +268,11 @@ def _gemv_tc_kernel(
     total = tl.cdiv(n_tiles * SPLIT_K - pid, G) * per  # this program's steps
     lane8 = lane * 8
     zero = tl.zeros([THREADS], tl.float32)
-    # mma column g = 4 r + c: x row r (r < ROWS), the step's block c; lane (g, t) loads x row r's elements. The
-    # ROWS == 1 forms here and below give the same results as the general ones on the lanes that count; they keep
-    # the one-row build's SASS as it was measured (the general forms change its loop: 511 -> 512 instructions in
-    # the bf16 split-K build, 445 -> 435 in the fp16 one, Triton 3.6; not timed)
-    if ROWS == 1:
-        slot = g
-        x_lane = x_ptr
-    else:
-        slot = g % 4
-        x_lane = x_ptr + (g // 4) * stride_xw
+    # mma column g = 2 r + c holds x row r, block c of a quarter (each quarter sums into its own accumulators);
+    # columns of rows past ROWS hold zeros
+    slot = g % 2
+    x_lane = x_ptr + tl.minimum(g // 2, ROWS - 1) * stride_xw
+    x_live = g // 2 < ROWS
 
     base = _table(quant_map_ptr, i, NW, X_KIND, INTERPRETED)
 
@@ -332,54 +316,33 @@ def _gemv_tc_kernel(
         # quarter h of the step: lane t's 32 elements are block slot 2h + t // 2 of the step (in column g's x row)
         x_step = x_lane + s * 128 + 16 * t
         c0, c1, c2, c3 = _quarter(
-            qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, x_step, (slot == t // 2) & (s * 128 + 16 * t < K // 2),
+            qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, x_step, x_live & (slot == t // 2) & (s * 128 + 16 * t < K // 2),
             lane8, base, quant_map_ptr, zero, zero, zero, zero, NW, X_KIND, INTERPRETED,
         )  # fmt: skip
-        c0, c1, c2, c3 = _quarter(
+        d0, d1, d2, d3 = _quarter(
             qc0, qc1, qc2, qc3, qd0, qd1, qd2, qd3, x_step + 64,
-            (slot == 2 + t // 2) & (s * 128 + 64 + 16 * t < K // 2), lane8, base, quant_map_ptr, c0, c1, c2,
-            c3, NW, X_KIND, INTERPRETED,
+            x_live & (slot == t // 2) & (s * 128 + 64 + 16 * t < K // 2), lane8, base, quant_map_ptr, zero, zero,
+            zero, zero, NW, X_KIND, INTERPRETED,
         )  # fmt: skip
-        # lane t now holds columns 2t, 2t + 1: x row t // 2's sums of the step's blocks 2 (t % 2) and 2 (t % 2) + 1
-        # (elements 128 (t % 2) + [0, 64), + [64, 128)) of rows a (c0, c1) and b (c2, c3); at ROWS = 1, lanes 2, 3
-        # hold zeros
-        if ROWS == 1:
-            half = t
-        else:
-            half = t % 2
-        e0 = s * 256 + 128 * half
-        m0 = (e0 < K) & (t < 2 * ROWS)
-        m1 = (e0 + 64 < K) & (t < 2 * ROWS)
-        ma0 = m0 & (row_a < N)
-        ma1 = m1 & (row_a < N)
-        mb0 = m0 & (row_b < N)
-        mb1 = m1 & (row_b < N)
-        k0 = e0 // BLOCKSIZE
-        k1 = (e0 + 64) // BLOCKSIZE
-        acc_a += _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr, row_a * bpr + k0, ma0,
-                         DOUBLE_QUANT, INTERPRETED) * c0  # fmt: skip
-        acc_a += _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr, row_a * bpr + k1, ma1,
-                         DOUBLE_QUANT, INTERPRETED) * c1  # fmt: skip
-        acc_b += _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr, row_b * bpr + k0, mb0,
-                         DOUBLE_QUANT, INTERPRETED) * c2  # fmt: skip
-        acc_b += _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr, row_b * bpr + k1, mb1,
-                         DOUBLE_QUANT, INTERPRETED) * c3  # fmt: skip
-        if step_in == per - 1:  # the item's rows out: x row t // 2, of W row a from lane t % 2 = 0, b from 1
-            SPAN: tl.constexpr = 4 // ROWS  # the lanes of an x row
-            if ROWS == 1:
-                first = t == 0
-                xr = 0
-            else:
-                first = t % 2 == 0
-                xr = t // 2
-            rows = tl.where(first, row_a, row_b)
-            sum_a = _sum_over_t(acc_a, NW, SPAN, INTERPRETED)
-            result = tl.where(first, sum_a, _sum_over_t(acc_b, NW, SPAN, INTERPRETED))
-            own = (t < 2 * ROWS) & (rows < N)
+        # lane t holds columns 2t, 2t + 1, x row t: (c0, c1), (d0, d1) W row a's blocks 0-3 of the step, (c2, c3),
+        # (d2, d3) row b's. Lane t decodes the absmax of the step's block t of rows a and b; its quad shares them.
+        ok = t < ROWS
+        e = s * 256 + 64 * t
+        am_a = _block_absmax(row_a, e, row_a < N, K, bpr, absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr,
+                             nested_offset_ptr, BLOCKSIZE, DOUBLE_QUANT, INTERPRETED)  # fmt: skip
+        am_b = _block_absmax(row_b, e, row_b < N, K, bpr, absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr,
+                             nested_offset_ptr, BLOCKSIZE, DOUBLE_QUANT, INTERPRETED)  # fmt: skip
+        acc_a += c0 * _from_quad(am_a, 0, NW, INTERPRETED) + c1 * _from_quad(am_a, 1, NW, INTERPRETED)
+        acc_a += d0 * _from_quad(am_a, 2, NW, INTERPRETED) + d1 * _from_quad(am_a, 3, NW, INTERPRETED)
+        acc_b += c2 * _from_quad(am_b, 0, NW, INTERPRETED) + c3 * _from_quad(am_b, 1, NW, INTERPRETED)
+        acc_b += d2 * _from_quad(am_b, 2, NW, INTERPRETED) + d3 * _from_quad(am_b, 3, NW, INTERPRETED)
+        if step_in == per - 1:  # the item's rows out: both W rows of x row t from lane t
             if SPLIT_K == 1:
-                _store_rows(result, rows, own, N, bias_ptr, out_ptr + xr * N, HAS_BIAS, INTERPRETED)
+                _store_rows(acc_a, row_a, ok & (row_a < N), N, bias_ptr, out_ptr + t * N, HAS_BIAS, INTERPRETED)
+                _store_rows(acc_b, row_b, ok & (row_b < N), N, bias_ptr, out_ptr + t * N, HAS_BIAS, INTERPRETED)
             else:
-                tl.store(partial_ptr + (sl * ROWS + xr) * N + rows, result, mask=own)
+                tl.store(partial_ptr + (sl * ROWS + t) * N + row_a, acc_a, mask=ok & (row_a < N))
+                tl.store(partial_ptr + (sl * ROWS + t) * N + row_b, acc_b, mask=ok & (row_b < N))
             acc_a = zero
             acc_b = zero
         item = item1
@@ -387,6 +350,26 @@ def _gemv_tc_kernel(
         sl = sl1
         step_in = step1
         pa = pa1
+
+
+# v of lane j of this lane's quad (lanes 4g..4g+3), in each lane of the quad.
+@triton.jit
+def _from_quad(v, j: tl.constexpr, NW: tl.constexpr, INTERPRETED: tl.constexpr):
+    if INTERPRETED:
+        quads = tl.reshape(v, (NW * 8, 4))
+        picked = tl.sum(tl.where(tl.arange(0, 4)[None, :] == j, quads, 0.0), axis=1)
+        return tl.reshape(tl.broadcast_to(picked[:, None], (NW * 8, 4)), (NW * 32,))
+    else:
+        return tl.inline_asm_elementwise(f"shfl.sync.idx.b32 $0, $1, {j}, 0x1c1f, 0xffffffff;", "=r,r", [v],
+                                         dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+
+
+# The absmax of the block of W row `row` that holds element e (masked past K).
+@triton.jit
+def _block_absmax(row, e, mask, K, bpr, absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
+                  BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, INTERPRETED: tl.constexpr):  # fmt: skip
+    return _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr, row * bpr + e // BLOCKSIZE,
+                   mask & (e < K), DOUBLE_QUANT, INTERPRETED)  # fmt: skip
 
 
 @triton.jit
@@ -429,7 +412,7 @@ def gemv_tc(
     bias: torch.Tensor | None,
     config: GemvTcConfig | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (bf16/fp16, M = 1 or 2) @ W[n, K]^T (+ bias) -> [M, n] in x's dtype."""
+    """x [M, K] (bf16/fp16, M = 1-4) @ W[n, K]^T (+ bias) -> [M, n] in x's dtype."""
     m, k = x.shape
     assert supported(x, k, blocksize), (x.shape, x.dtype, blocksize)
     if config is None or config.split_k == 0:
@@ -456,7 +439,7 @@ def gemv_tc(
     run(
         _gemv_tc_kernel, (-(-items // rounds),), x.view(torch.int32), codes.view(torch.int32), absmax, quant_map,
         nested_absmax, nested_quant_map, nested_offset, bias if bias is not None else out, out, partial, n, k,
-        x.stride(0) // 2 if m > 1 else 0, per,  # one row: the stride is unread, 0 so it never specializes a build
+        x.stride(0) // 2 if m > 1 else 0, per,
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         X_KIND=0 if x.dtype == torch.bfloat16 else 1, BLOCK_N=BLOCK_N, SPLIT_K=split_k, ROWS=m,
         INTERPRETED=interpreted(),

@@ -1,4 +1,4 @@
-"""Small batches (M = 3-16; 2 if called) on tensor cores: out = x @ W^T (+ bias), W read once as 4-bit codes.
+"""Small batches (M = 5-16; 2-4 if called) on tensor cores: out = x @ W^T (+ bias), W read once as 4-bit codes.
 
 gemv_tc.py's decode with rows of x in the mma's columns: each code byte is looked up once, as a pair of levels in
 x's dtype, from the same per-lane table in shared memory (``gemv_tc._table``), and ``mma.sync.m16n8k16`` sums the
@@ -19,9 +19,9 @@ bound by those ALU instructions (tenth session's profile).
 H200, one process, CUDA graphs, against mma.py (docs/BENCHMARKS_GPU.md, fourteenth session): M = 2 on 28672x8192
 0.0734 ms against 0.1036 (bf16 0.1087), 8192x28672 0.0685 against 0.1019; M = 8 0.0851 / 0.0766 against
 0.1043 / 0.1028; M = 16 0.1087 / 0.1010 against 0.1051 / 0.1038. Faster than mma.py at M <= 8 on every Llama
-shape tried (4-33%), at M = 16 on 5 of 7 (2-10%; 3-5% slower on 28672x8192 and 1024x4096). ops sends M = 3-16 here
-(M = 2 to gemv_tc, whose mma columns hold two rows of x at no extra work: 6-24% faster, nineteenth session),
-under torch.compile through ``nf4::matmul_table`` (as gemv_tc: the register cap).
+shape tried (4-33%), at M = 16 on 5 of 7 (2-10%; 3-5% slower on 28672x8192 and 1024x4096). ops sends M = 5-16 here
+(M = 2-4 to gemv_tc, whose mma columns hold up to four rows of x beside the blocks: 4-25% faster on 10 Llama
+shapes, twentieth session), under torch.compile through ``nf4::matmul_table`` (as gemv_tc: the register cap).
 
 Under the interpreter the lookups and mmas are gemv_tc's CPU forms (a computed pair, an einsum over fragments).
 """
