@@ -32,9 +32,9 @@ address), one shared-memory load (the pair), 1/8 of an mma.
   ticket per warp, the last to draw adds the slices) took 18% longer on 28672x8192: the ticket's fences wait for
   the next item's codes in flight and stalled a warp at each item's end.
 
-H200, one process, CUDA graphs (docs/BENCHMARKS_GPU.md, thirteenth session): 28672x8192 0.0588 ms against 0.0730
-for gemv.py, 8192x28672 0.0548 against 0.0713, 8192x8192 0.0216 against 0.0267, 14336x4096 0.0213 against 0.0229,
-4096x14336 0.0210 against 0.0211; slower on 4096x4096 (4-7%) and 1024x4096 (35%). ops sends M = 1 here for
+H200, one process, CUDA graphs (docs/BENCHMARKS_GPU.md, twentieth session), M = 1 against gemv.py: 8192x8192
+0.0194 ms against 0.0267, 14336x4096 0.0190 against 0.0223, 4096x14336 0.0190 against 0.0205, 6144x4096 0.0110
+against 0.0127; slower on 5120x4096 (10%), 4096x4096 (5-8%) and 1024x4096 (35-46%). ops sends M = 1 here for
 weights of at least MIN_PARAMS; under torch.compile through ``nf4::matmul_table``, an op Inductor calls as it is
 (it would launch the kernel itself without the register cap, a launch option it drops).
 
@@ -60,10 +60,9 @@ from nf4.kernels.gemv import _load16
 BLOCK_N = 128
 PROGRAMS_PER_SM = 4
 MAX_REGISTERS = 64
-# Weights from which ops sends M = 1 here: the 70B projections, the 8B MLPs (7-23% faster than gemv.py, 2% on
-# 4096x14336) and the 8B's fused q/k/v, 6144x4096 (0.0105 ms against 0.0136, fifteenth session); 4096x4096 (3%
-# slower here) and smaller stay on gemv.py.
-MIN_PARAMS = 5 << 22
+# Weights from which ops sends M = 1 here: the 70B projections, the 8B MLPs and the 8B's fused q/k/v, 6144x4096
+# (7-27% faster than gemv.py, twentieth session); 5120x4096 (10% slower here), 4096x4096 and smaller stay on gemv.py.
+MIN_PARAMS = 6 << 22
 MAX_M = 4  # rows of x: 2 blocks a quarter x 4 rows fill the mma's 8 columns
 
 
