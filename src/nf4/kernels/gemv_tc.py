@@ -248,8 +248,7 @@ def _gemv_tc_kernel(
     x_ptr, data_ptr, absmax_ptr, quant_map_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
     bias_ptr, out_ptr, partial_ptr, N, K, stride_xw, per,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     THREADS: tl.constexpr = BLOCK_N * 2  # 16 rows a warp
     NW: tl.constexpr = THREADS // 32
@@ -382,7 +381,7 @@ def best_split(tiles: int, steps: int, slots: int) -> int:
     """The number of K slices (at most 32, at least 2 steps each) whose (row tile, slice) items fill ``slots``
     programs in whole rounds best; more slices only when 2% better. Counted as the launch cuts K: slices of
     ceil(steps / split) steps, so a split of 14 on 16 steps is 8 slices (it was scored as 14 until the twentieth
-    session, which sent 14336x4096 to 8 slices where 4 fill as well: 4-6% slower on an H200)."""
+    session, which sent 14336x4096 to 8 slices where 4 fill as well: 3-7% slower on an H200)."""
     best, split_k = 0.0, 1
     for split in range(1, 33):
         per = -(-steps // split)
@@ -442,7 +441,7 @@ def gemv_tc(
     run(
         _gemv_tc_kernel, (-(-items // rounds),), x.view(torch.int32), codes.view(torch.int32), absmax, quant_map,
         nested_absmax, nested_quant_map, nested_offset, bias if bias is not None else out, out, partial, n, k,
-        x.stride(0) // 2 if m > 1 else 0, per,
+        x.stride(0) // 2 if m > 1 else 0, per,  # one row: the stride is unread, 0 so it never specializes a build
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         X_KIND=0 if x.dtype == torch.bfloat16 else 1, BLOCK_N=BLOCK_N, SPLIT_K=split_k, ROWS=m,
         INTERPRETED=interpreted(),
