@@ -47,9 +47,10 @@ def _gemv(out: str, kind: int, m: int, split_k: int, double_quant: bool, bias: b
 
 
 def _gemv_tc(x: str, m: int, split_k: int, double_quant: bool, bias: bool) -> tuple:
-    ptrs = dict(x_ptr="*i32", data_ptr="*i32", bias_ptr=x, out_ptr=x, partial_ptr=_FP32, **_scales(double_quant))
+    ptrs = dict(x_ptr="*i32", data_ptr="*i32", bias_ptr=x, out_ptr=x, partial_ptr=_FP32, counter_ptr="*i32",
+                **_scales(double_quant))  # fmt: skip
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, HAS_BIAS=bias, X_KIND=0 if x == "*bf16" else 1,
-                  BLOCK_N=gemv_tc.BLOCK_N, SPLIT_K=split_k, ROWS=m)  # fmt: skip
+                  BLOCK_N=gemv_tc.BLOCK_N, SPLIT_K=split_k, ROWS=m, SUM_IN_KERNEL=True)  # fmt: skip
     return gemv_tc._gemv_tc_kernel, ptrs, consts, gemv_tc.BLOCK_N // 16, 3, {"maxnreg": gemv_tc.MAX_REGISTERS}
 
 

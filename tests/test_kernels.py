@@ -393,6 +393,24 @@ def test_gemv_tcm_reads_x_and_codes_through_views() -> None:
         assert torch.equal(kgemv_tcm.gemv_tcm(x, data, *_qargs(q)[1:], 24, None, config), out)
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_tc_sums_slices_in_the_kernel_as_the_second_launch_does(monkeypatch: pytest.MonkeyPatch, m: int) -> None:
+    # small weights sum their slices at the kernel's end (tickets per row tile, the last drawer adds them), large
+    # ones by sum_slices: the same slice order, so the same bits; 3 slices of 5 row tiles on 2 programs, so one
+    # program takes a tile's last ticket while another holds its others
+    q = format.quantize(torch.randn(600, 768), double_quant=True)
+    x = torch.randn(m, 768, dtype=torch.bfloat16)
+    bias = torch.randn(600, dtype=torch.bfloat16)
+    config = kgemv_tc.GemvTcConfig(split_k=3, programs_per_sm=2)
+    assert 600 * 768 <= kgemv_tc.SUM_IN_KERNEL_MAX_PARAMS
+    in_kernel = kgemv_tc.gemv_tc(x, *_qargs(q), 600, bias, config)
+    monkeypatch.setattr(kgemv_tc, "SUM_IN_KERNEL_MAX_PARAMS", 0)
+    launched = kgemv_tc.gemv_tc(x, *_qargs(q), 600, bias, config)
+    assert torch.equal(in_kernel, launched)
+    ref = x.float() @ format.dequantize(q, torch.bfloat16).float().T + bias.float()
+    assert ((in_kernel.float() - ref).norm() / ref.norm()).item() < MMA_TOLERANCE[torch.bfloat16]
+
+
 def test_gemv_tcm_takes_2_to_16_half_precision_rows_of_whole_64_blocks() -> None:
     x = torch.randn(2, 128, dtype=torch.bfloat16)
     assert kgemv_tcm.supported(x, 128, 64) and kgemv_tcm.supported(x.half().repeat(8, 1), 128, 128)

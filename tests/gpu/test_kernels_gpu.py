@@ -221,11 +221,12 @@ def test_matmul_of_a_bare_quantized_tensor_captures_in_a_cuda_graph(m: int) -> N
     assert not torch.equal(out, eager)
 
 
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 4, 16])
 def test_split_k_sums_in_graphs_and_on_two_streams(m: int) -> None:
     # split-K slices are summed by each row tile's last program, with counters kept per stream that every launch
-    # leaves at zero: graph replays between eager calls, and two streams at once, give the bits of one eager call
-    q = ops.quantize(torch.randn(1024, 14336, device="cuda"))  # few rows, long rows: 16 slices (both kernels)
+    # leaves at zero (the FMA kernel at M = 1; gemv_tc at 4 and gemv_tcm at 16 on a weight this small): graph
+    # replays between eager calls, and two streams at once, give the bits of one eager call
+    q = ops.quantize(torch.randn(1024, 14336, device="cuda"))  # few rows, long rows: many slices
     x = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
     want = ops.matmul(x, q)
     side = torch.cuda.Stream()

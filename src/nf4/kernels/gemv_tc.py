@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import interpreted, programs, round_to, run, sum_slices
+from nf4.kernels.common import interpreted, programs, round_to, run, sum_slices, sum_tiles, tile_counters
 from nf4.kernels.common import load_absmax as _absmax
 from nf4.kernels.gemv import _load16
 
@@ -63,6 +63,10 @@ MAX_REGISTERS = 64
 # Weights from which ops sends M = 1 here: the 70B projections, the 8B MLPs and the 8B's fused q/k/v, 6144x4096
 # (7-27% faster than gemv.py, twentieth session); 5120x4096 (10% slower here), 4096x4096 and smaller stay on gemv.py.
 MIN_PARAMS = 6 << 22
+# Weights up to which split-K's slices are summed at the kernel's end (common.sum_tiles) rather than by a second
+# launch: H200, twenty-first session, M = 1 and 4: 1024x4096 to 8192x4096 and 4096x8192 1-17% faster (the launch
+# costs ~1 us more than the tickets); 8192x8192 1% faster, 14336x4096 5% slower, 28672x8192 10% slower.
+SUM_IN_KERNEL_MAX_PARAMS = 1 << 25
 MAX_M = 4  # rows of x: 2 blocks a quarter x 4 rows fill the mma's 8 columns
 
 
@@ -246,9 +250,10 @@ def _step_codes(pa, s, t, wpr, live_a, live_b, INTERPRETED: tl.constexpr):
 @triton.jit
 def _gemv_tc_kernel(
     x_ptr, data_ptr, absmax_ptr, quant_map_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
-    bias_ptr, out_ptr, partial_ptr, N, K, stride_xw, per,
+    bias_ptr, out_ptr, partial_ptr, counter_ptr, N, K, stride_xw, per,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, SUM_IN_KERNEL: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     THREADS: tl.constexpr = BLOCK_N * 2  # 16 rows a warp
     NW: tl.constexpr = THREADS // 32
@@ -348,6 +353,10 @@ def _gemv_tc_kernel(
         sl = sl1
         step_in = step1
         pa = pa1
+    if SPLIT_K > 1 and SUM_IN_KERNEL:
+        XR: tl.constexpr = 4 if ROWS > 2 else ROWS
+        sum_tiles(pid, G, n_tiles, N, ROWS, partial_ptr, counter_ptr, bias_ptr, out_ptr, BLOCK_N, SPLIT_K, XR, HAS_BIAS,
+                  INTERPRETED)  # fmt: skip
 
 
 # v of lane j of this lane's quad (lanes 4g..4g+3), in each lane of the quad.
@@ -430,23 +439,25 @@ def gemv_tc(
     items = -(-n // BLOCK_N) * split_k
     rounds = -(-items // programs(x.device, config.programs_per_sm))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    in_kernel = split_k > 1 and n * k <= SUM_IN_KERNEL_MAX_PARAMS
     if split_k > 1:
         partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-    else:  # a stand-in the kernel does not read
-        partial = out
+        counters = tile_counters(x.device, -(-n // BLOCK_N)) if in_kernel else partial
+    else:  # stand-ins the kernel does not read
+        partial = counters = out
     double_quant = nested_absmax is not None
     if not double_quant:  # stand-ins (a pointer argument cannot be None)
         nested_absmax, nested_quant_map, nested_offset = absmax, quant_map, absmax
     options = {} if interpreted() else {"maxnreg": MAX_REGISTERS}
     run(
         _gemv_tc_kernel, (-(-items // rounds),), x.view(torch.int32), codes.view(torch.int32), absmax, quant_map,
-        nested_absmax, nested_quant_map, nested_offset, bias if bias is not None else out, out, partial, n, k,
+        nested_absmax, nested_quant_map, nested_offset, bias if bias is not None else out, out, partial, counters, n, k,
         x.stride(0) // 2 if m > 1 else 0, per,  # one row: the stride is unread, 0 so it never specializes a build
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         X_KIND=0 if x.dtype == torch.bfloat16 else 1, BLOCK_N=BLOCK_N, SPLIT_K=split_k, ROWS=m,
-        INTERPRETED=interpreted(),
+        SUM_IN_KERNEL=in_kernel, INTERPRETED=interpreted(),
         num_warps=BLOCK_N // 16, **options,
     )  # fmt: skip
-    if split_k > 1:
+    if split_k > 1 and not in_kernel:
         sum_slices(partial, bias, out)
     return out
