@@ -28,14 +28,16 @@ address), one shared-memory load (the pair), 1/8 of an mma.
   100 registers 0.087: at 16 warps an SM it is latency-bound, 36% of its stalls waiting on the table loads),
   each walking (row tile, K slice) items;
   the codes of the next step, across items, are in flight while a step computes. A slice's row sums go to a
-  partial buffer, which a second launch adds up in slice order (deterministic). Summing in the kernel instead (a
-  ticket per warp, the last to draw adds the slices) took 18% longer on 28672x8192: the ticket's fences wait for
-  the next item's codes in flight and stalled a warp at each item's end.
+  partial buffer, added up in slice order (deterministic): on weights up to SUM_IN_KERNEL_MAX_PARAMS by the
+  program that draws a row tile's last ticket, once its items are done (``common.sum_tiles``), on larger ones by
+  a second launch. (A ticket at each item's end took 18% longer on 28672x8192: its fences waited for the next
+  item's codes in flight; at the program's end they cost about what the launch does, ~2.5 us, which only small
+  weights gain.)
 
-H200, one process, CUDA graphs (docs/BENCHMARKS_GPU.md, twentieth session), M = 1 against gemv.py: 8192x8192
-0.0194 ms against 0.0267, 14336x4096 0.0190 against 0.0223, 4096x14336 0.0190 against 0.0205, 6144x4096 0.0110
-against 0.0127; slower on 5120x4096 (10%), 4096x4096 (5-8%) and 1024x4096 (35-46%). ops sends M = 1 here for
-weights of at least MIN_PARAMS; under torch.compile through ``nf4::matmul_table``, an op Inductor calls as it is
+H200, one process, CUDA graphs (docs/BENCHMARKS_GPU.md), M = 1 against gemv.py: 8192x8192 0.0194 ms against
+0.0267, 14336x4096 0.0190 against 0.0223, 6144x4096 0.0102 against 0.0126, 4096x4096 0.0081 against 0.0085,
+1024x8192 0.0068 against 0.0080; slower on 5120x4096 (5%) and 1024x4096 (28%). ops sends M = 1 here for weights of
+at least MIN_PARAMS; under torch.compile through ``nf4::matmul_table``, an op Inductor calls as it is
 (it would launch the kernel itself without the register cap, a launch option it drops).
 
 Under the interpreter the table lookup is a load of the pair computed from ``quant_map`` and the mma is an einsum
@@ -60,9 +62,10 @@ from nf4.kernels.gemv import _load16
 BLOCK_N = 128
 PROGRAMS_PER_SM = 4
 MAX_REGISTERS = 64
-# Weights from which ops sends M = 1 here: the 70B projections, the 8B MLPs and the 8B's fused q/k/v, 6144x4096
-# (7-27% faster than gemv.py, twentieth session); 5120x4096 (10% slower here), 4096x4096 and smaller stay on gemv.py.
-MIN_PARAMS = 6 << 22
+# Weights from which ops sends M = 1 here: 2048x4096 and 1024x8192 up (3-15% faster than gemv.py with the slices
+# summed in the kernel, twenty-first session; 5120x4096 5% slower, the one shape measured so); 1024x4096 (28%
+# slower here) and smaller stay on gemv.py.
+MIN_PARAMS = 1 << 23
 # Weights up to which split-K's slices are summed at the kernel's end (common.sum_tiles) rather than by a second
 # launch: H200, twenty-first session, M = 1 and 4: 1024x4096 to 8192x4096 and 4096x8192 1-17% faster (the launch
 # costs ~1 us more than the tickets); 8192x8192 1% faster, 14336x4096 5% slower, 28672x8192 10% slower.
