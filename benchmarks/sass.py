@@ -46,11 +46,11 @@ def _gemv(out: str, kind: int, m: int, split_k: int, double_quant: bool, bias: b
     return gemv._gemv_kernel, ptrs, consts, 1, 3
 
 
-def _gemv_tc(x: str, m: int, split_k: int, double_quant: bool, bias: bool) -> tuple:
+def _gemv_tc(x: str, m: int, split_k: int, double_quant: bool, bias: bool, sum_in_kernel: bool = False) -> tuple:
     ptrs = dict(x_ptr="*i32", data_ptr="*i32", bias_ptr=x, out_ptr=x, partial_ptr=_FP32, counter_ptr="*i32",
                 **_scales(double_quant))  # fmt: skip
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, HAS_BIAS=bias, X_KIND=0 if x == "*bf16" else 1,
-                  BLOCK_N=gemv_tc.BLOCK_N, SPLIT_K=split_k, ROWS=m, SUM_IN_KERNEL=True)  # fmt: skip
+                  BLOCK_N=gemv_tc.BLOCK_N, SPLIT_K=split_k, ROWS=m, SUM_IN_KERNEL=sum_in_kernel)  # fmt: skip
     return gemv_tc._gemv_tc_kernel, ptrs, consts, gemv_tc.BLOCK_N // 16, 3, {"maxnreg": gemv_tc.MAX_REGISTERS}
 
 
@@ -111,6 +111,8 @@ BUILDS = {
     "gemv-tc-bf16-m2-split7-dq": _gemv_tc("*bf16", 2, 7, True, False),
     "gemv-tc-bf16-m4-split7-dq": _gemv_tc("*bf16", 4, 7, True, False),
     "gemv-tc-fp16-m3-plain-bias": _gemv_tc("*fp16", 3, 1, False, True),
+    "gemv-tc-bf16-split8-dq-sum": _gemv_tc("*bf16", 1, 8, True, False, True),
+    "gemv-tc-fp16-m4-split8-plain-bias-sum": _gemv_tc("*fp16", 4, 8, False, True, True),
     "gemv-tcm-bf16-m8-split4-dq": _gemv_tcm("*bf16", 8, 4, True, False),
     "gemv-tcm-fp16-m16-plain-bias": _gemv_tcm("*fp16", 16, 1, False, True),
     "mma-bf16-m16-rows128-dq": _mma("*bf16", 16, 128, 4, True),
