@@ -117,8 +117,9 @@ def round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 #   next launch. One launch less per matmul: the decode kernel's choice (gemv.py), whose tiles are small; or
 # - by _split_k_sum_kernel, launched after (sum_slices): the tensor-core kernel's choice (mma.py), whose tiles are
 #   large (128 x 16 x 16 slices = 128 KB read by one program: 8-15% slower at M = 16 on 8192x28672 and the 8B
-#   MLPs), and gemv_tc.py's, which is persistent (a ticket's fences there waited on the next item's prefetched
-#   codes: 18% slower on 28672x8192, 0.0692 against 0.0586 ms).
+#   MLPs), and gemv_tc.py's on large weights, which is persistent (a ticket's fences at each item's end waited on
+#   the next item's prefetched codes: 18% slower on 28672x8192, 0.0692 against 0.0586 ms; its small weights take
+#   their tickets once the program's items are done, sum_tiles below).
 @triton.jit
 def store_tile(
     result, rows, mcol, M, N, bias_ptr, out_ptr, partial_ptr, counter_ptr, HAS_BIAS: tl.constexpr,
