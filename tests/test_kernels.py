@@ -393,15 +393,18 @@ def test_gemv_tcm_reads_x_and_codes_through_views() -> None:
         assert torch.equal(kgemv_tcm.gemv_tcm(x, data, *_qargs(q)[1:], 24, None, config), out)
 
 
-@pytest.mark.parametrize("m", [1, 3])
-def test_gemv_tc_sums_slices_in_the_kernel_as_the_second_launch_does(monkeypatch: pytest.MonkeyPatch, m: int) -> None:
+@pytest.mark.parametrize(("m", "programs"), [(1, 2), (3, 2), (2, 1)])
+def test_gemv_tc_sums_slices_in_the_kernel_as_the_second_launch_does(
+    monkeypatch: pytest.MonkeyPatch, m: int, programs: int
+) -> None:
     # small weights sum their slices at the kernel's end (tickets per row tile, the last drawer adds them), large
     # ones by sum_slices: the same slice order, so the same bits; 3 slices of 5 row tiles on 2 programs, so one
-    # program takes a tile's last ticket while another holds its others
+    # program takes a tile's last ticket while another holds its others, or on one program (15 items: its tickets
+    # in two rounds of 8)
     q = format.quantize(torch.randn(600, 768), double_quant=True)
     x = torch.randn(m, 768, dtype=torch.bfloat16)
     bias = torch.randn(600, dtype=torch.bfloat16)
-    config = kgemv_tc.GemvTcConfig(split_k=3, programs_per_sm=2)
+    config = kgemv_tc.GemvTcConfig(split_k=3, programs_per_sm=programs)
     assert 600 * 768 <= kgemv_tc.SUM_IN_KERNEL_MAX_PARAMS
     in_kernel = kgemv_tc.gemv_tc(x, *_qargs(q), 600, bias, config)
     monkeypatch.setattr(kgemv_tc, "SUM_IN_KERNEL_MAX_PARAMS", 0)
