@@ -135,11 +135,20 @@ def store_tile(
             tl.debug_barrier()  # the whole tile is stored before the ticket is taken
             ticket = tl.atomic_add(counter_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
             if ticket == SPLIT_K - 1:
-                result = tl.zeros_like(result)
-                for s in tl.static_range(SPLIT_K):  # past L1: the other slices were written by other SMs
-                    result += tl.load(partial_ptr + s * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-                _store_out(result, rows, N, offsets, mask, bias_ptr, out_ptr, HAS_BIAS, INTERPRETED)
-                tl.atomic_xchg(counter_ptr + tl.program_id(0), 0)
+                _sum_tile(rows, offsets, mask, M, N, bias_ptr, out_ptr, partial_ptr, counter_ptr + tl.program_id(0),
+                          HAS_BIAS, SPLIT_K, INTERPRETED)  # fmt: skip
+
+
+# A row tile's split-K sum, by the program that drew its last ticket: the slices of partial [SPLIT_K, M, N] added in
+# slice order (deterministic), the bias, the rounded store, and the tile's counter back to 0 for the next launch.
+@triton.jit
+def _sum_tile(rows, offsets, mask, M, N, bias_ptr, out_ptr, partial_ptr, counter, HAS_BIAS: tl.constexpr,
+              SPLIT_K: tl.constexpr, INTERPRETED: tl.constexpr):  # fmt: skip
+    result = tl.zeros(offsets.shape, tl.float32)
+    for s in tl.static_range(SPLIT_K):  # past L1: the other slices were written by other SMs
+        result += tl.load(partial_ptr + s * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    _store_out(result, rows, N, offsets, mask, bias_ptr, out_ptr, HAS_BIAS, INTERPRETED)
+    tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
@@ -167,16 +176,15 @@ def _split_k_sum_kernel(
 
 # Split-K's sum inside a persistent kernel, once the program's items are done (no loads in flight then, so the
 # fences cost little; a ticket at each item's end waited on the next item's prefetched codes): a ticket per item's
-# row tile, and the program that draws a tile's last adds its slices in slice order (deterministic), adds the bias
-# and stores the tile's M x BLOCK_N outputs (partial: [SPLIT_K, M, N] fp32; XR: a power of two >= M). Saves the
-# second launch (~2.5 us) that sum_slices costs.
+# row tile, and the program that draws a tile's last sums its BLOCK_N x M outputs (_sum_tile; XR: a power of two
+# >= M). Saves the second launch that sum_slices costs.
 @triton.jit
 def sum_tiles(
     pid, G, n_tiles, N, M, partial_ptr, counter_ptr, bias_ptr, out_ptr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     XR: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     J: tl.constexpr = 8  # tickets taken at once
-    m = tl.arange(0, XR)[:, None]
+    mcol = tl.arange(0, XR)
     n_items = tl.cdiv(n_tiles * SPLIT_K - pid, G)
     tl.debug_barrier()  # every row of the program's items is stored before its tickets are taken
     for j0 in range(0, n_items, J):
@@ -187,15 +195,10 @@ def sum_tiles(
             ticket = tl.sum(tl.where(tl.arange(0, J) == j, tickets, 0))
             if ticket == SPLIT_K - 1:
                 tile = (pid + (j0 + j) * G) % n_tiles
-                rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-                mask = (m < M) & (rows < N)
-                total = tl.zeros((XR, BLOCK_N), tl.float32)
-                for sl in tl.static_range(SPLIT_K):  # past L1: the other slices were written by other SMs
-                    total += tl.load(partial_ptr + (sl * M + m) * N + rows, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + tl.minimum(rows, N - 1)).to(tl.float32)
-                tl.store(out_ptr + m * N + rows, round_to(total, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
-                tl.atomic_xchg(counter_ptr + tile, 0)
+                rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+                mask = (rows < N)[:, None] & (mcol < M)[None, :]
+                _sum_tile(rows, mcol[None, :] * N + rows[:, None], mask, M, N, bias_ptr, out_ptr, partial_ptr,
+                          counter_ptr + tile, HAS_BIAS, SPLIT_K, INTERPRETED)  # fmt: skip
 
 
 # Row-tile counters of split-K launches, per (device, stream): a kernel leaves them at 0 and kernels of one stream

@@ -356,7 +356,7 @@ def _gemv_tc_kernel(
         sl = sl1
         step_in = step1
         pa = pa1
-    if SPLIT_K > 1 and SUM_IN_KERNEL:
+    if SUM_IN_KERNEL:  # (only ever with SPLIT_K > 1)
         XR: tl.constexpr = 4 if ROWS > 2 else ROWS
         sum_tiles(pid, G, n_tiles, N, ROWS, partial_ptr, counter_ptr, bias_ptr, out_ptr, BLOCK_N, SPLIT_K, XR, HAS_BIAS,
                   INTERPRETED)  # fmt: skip
