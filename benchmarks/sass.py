@@ -115,6 +115,7 @@ BUILDS = {
     "gemv-tc-fp16-m4-split8-plain-bias-sum": _gemv_tc("*fp16", 4, 8, False, True, True),
     "gemv-tcm-bf16-m8-split4-dq": _gemv_tcm("*bf16", 8, 4, True, False),
     "gemv-tcm-fp16-m16-plain-bias": _gemv_tcm("*fp16", 16, 1, False, True),
+    "gemv-tcm-bf16-m16-split4-dq": _gemv_tcm("*bf16", 16, 4, True, False),
     "mma-bf16-m16-rows128-dq": _mma("*bf16", 16, 128, 4, True),
     "mma-fp16-m64-rows64-plain": _mma("*fp16", 64, 64, 1, False),
     "dequantize-bf16-dq": _dequantize("*bf16", True, False),

@@ -13,8 +13,9 @@ bound by those ALU instructions (tenth session's profile).
 - Persistent, like gemv_tc: (row tile, K slice) items; the next step's codes are in flight while a step computes;
   a slice's sums go to a partial buffer that ``common.sum_slices`` adds in slice order (deterministic). M <= 8:
   4 programs of 8 warps an SM at 64 registers; M = 9-16 holds twice the accumulators: 3 programs at 80 registers
-  (Triton 3.6 and 3.9: no spills at M <= 8; at M = 16 8 bytes in the one-slice build's epilogue, 56 bytes a
-  step at 64 registers).
+  (no spills at M <= 8; at M = 16 none under Triton 3.6, 8 bytes in 3.9's split-K build; at 64 registers and
+  4 programs M = 16 spills 48 bytes and took 11-24% longer on Llama shapes, twenty-second session).
+- Each step's 4 absmax (2 rows x 2 blocks) are decoded once a quad, one a lane, and shared by shuffles.
 
 H200, one process, CUDA graphs, against mma.py (docs/BENCHMARKS_GPU.md, fourteenth session): M = 2 on 28672x8192
 0.0734 ms against 0.1036 (bf16 0.1087), 8192x28672 0.0685 against 0.1019; M = 8 0.0851 / 0.0766 against
@@ -38,7 +39,7 @@ import triton.language as tl
 from nf4.kernels.common import interpreted, programs, round_to, run, sum_slices
 from nf4.kernels.common import load_absmax as _absmax
 from nf4.kernels.gemv import _load16
-from nf4.kernels.gemv_tc import _lookup4, _mma, _table, best_split
+from nf4.kernels.gemv_tc import _from_quad, _lookup4, _mma, _table, best_split
 
 BLOCK_N = 128  # rows of W a program (8 warps)
 MIN_M = 2
@@ -200,6 +201,14 @@ def _gemv_tcm_kernel(
         s1 = sl1 * per + step1
         live = (i * 0 + it + 1 < total) & (i * 0 + s1 < steps)
         na0, na1, nb0, nb1, nc0, nc1, nd0, nd1 = _step_codes(pa1, s1, wpr, live, r1, N, INTERPRETED)
+        # the step's 4 absmax (rows a, b x its 2 blocks), one a lane: lane t decodes row a (t even) or b (t odd)
+        # of block t // 2, and its quad shares them. Until the twenty-second session each lane decoded all 4:
+        # 418 SASS instructions a step at M = 16 with double quant (Triton 3.6), now 351 (M = 8: 363 -> 298),
+        # and 5-13% faster at M = 5-16 on Llama shapes (H200, docs/BENCHMARKS_GPU.md), same bits
+        row_t = row_a + 8 * (t % 2)
+        e_t = s * 128 + 64 * (t // 2)
+        am = _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
+                     row_t * bpr + e_t // BLOCKSIZE, (e_t < K) & (row_t < N), DOUBLE_QUANT, INTERPRETED)  # fmt: skip
         for half in tl.static_range(2):  # the step's two blocks
             e = s * 128 + 64 * half
             inside = (i * 0 + e) < K
@@ -211,10 +220,8 @@ def _gemv_tcm_kernel(
                 wa0, wa1, wb0, wb1, xa + e // 2, inside & (g < M), xb + e // 2, inside & (g + 8 < M), lane8, base,
                 quant_map_ptr, NW, X_KIND, HALVES, INTERPRETED,
             )  # fmt: skip
-            am_a = _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
-                           row_a * bpr + e // BLOCKSIZE, inside & (row_a < N), DOUBLE_QUANT, INTERPRETED)  # fmt: skip
-            am_b = _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
-                           row_b * bpr + e // BLOCKSIZE, inside & (row_b < N), DOUBLE_QUANT, INTERPRETED)  # fmt: skip
+            am_a = _from_quad(am, 2 * half, NW, INTERPRETED)
+            am_b = _from_quad(am, 2 * half + 1, NW, INTERPRETED)
             acc0 += am_a * c0
             acc1 += am_a * c1
             acc2 += am_b * c2
