@@ -57,7 +57,8 @@ def _gemv_tc(x: str, m: int, split_k: int, double_quant: bool, bias: bool, sum_i
 def _gemv_tcm(x: str, m: int, split_k: int, double_quant: bool, bias: bool) -> tuple:
     ptrs = dict(x_ptr="*i32", data_ptr="*i32", bias_ptr=x, out_ptr=x, partial_ptr=_FP32, **_scales(double_quant))
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, HAS_BIAS=bias, X_KIND=0 if x == "*bf16" else 1,
-                  BLOCK_N=gemv_tcm.BLOCK_N, SPLIT_K=split_k, HALVES=2 if m > 8 else 1)  # fmt: skip
+                  BLOCK_N=gemv_tcm.BLOCK_N, SPLIT_K=split_k, HALVES=2 if m > 8 else 1,
+                  XS=m > 8)  # fmt: skip
     max_registers = gemv_tcm._occupancy(m)[1]
     return gemv_tcm._gemv_tcm_kernel, ptrs, consts, gemv_tcm.BLOCK_N // 16, 3, {"maxnreg": max_registers}
 

@@ -28,11 +28,11 @@ _BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # session; register allocation at the cap moves with any change of the loop). Its builds that sum split-K's
 # slices at the end (small weights) spill 8 bytes under 3.6, 8-16 under 3.9: timed so, and faster than the launch.
 # The small-batch one at M = 16 is capped at 80 (3 programs an SM): no spills under 3.6; under 3.9 its split-K
-# double-quant build spills 8 bytes (its one-slice build spilled 8 under both until the absmax was decoded once a
-# quad, twenty-second session).
+# double-quant build spills 16 bytes with x staged through shared memory (its one-slice build spilled 8 under both
+# until the absmax was decoded once a quad; both twenty-second session).
 SPILL_ALLOWED = {"gemv-fp32-m4-split16-dq": 16, "gemv-tc-bf16-split7-dq": 8, "gemv-tc-fp16-plain-bias": 8,
                  "gemv-tc-bf16-m2-split7-dq": 8, "gemv-tc-bf16-m4-split7-dq": 8, "gemv-tc-fp16-m3-plain-bias": 8,
-                 "gemv-tcm-bf16-m16-split4-dq": 8, "gemv-tc-bf16-split8-dq-sum": 8,
+                 "gemv-tcm-bf16-m16-split4-dq": 16, "gemv-tc-bf16-split8-dq-sum": 8,
                  "gemv-tc-fp16-m4-split8-plain-bias-sum": 16}  # fmt: skip
 
 
@@ -58,8 +58,9 @@ def test_every_kernel_compiles_for_hopper() -> None:
     for name, r in builds.items():
         assert 0 < r["registers"] <= 255 and r["instructions"] > 0, r
         assert r["spill_bytes"] <= SPILL_ALLOWED.get(name, 0), r
-    # the table kernels' 32 KiB table is static shared memory declared in their PTX, and Triton allocates none
-    # (3 or 4 programs an SM fit in its 228 KiB, with no opt-in for more than 48 KiB a program)
+    # the table kernels' 32 KiB table (and gemv_tcm's 8.5 KiB of x buffers from M = 9) is static shared memory
+    # declared in their PTX, and Triton allocates none (3 or 4 programs an SM fit in its 228 KiB, with no opt-in
+    # for more than 48 KiB a program)
     for name in ("gemv-tc-bf16-split7-dq", "gemv-tc-fp16-plain-bias", "gemv-tc-bf16-m2-split7-dq",
                  "gemv-tcm-bf16-m8-split4-dq", "gemv-tcm-fp16-m16-plain-bias"):  # fmt: skip
         assert builds[name]["dynamic_shared"] == 0 and 256 * 32 * 4 <= builds[name]["shared"] <= 48 * 1024, builds[name]

@@ -261,6 +261,25 @@ def test_gemv_reads_x_at_any_offset(dtype: torch.dtype) -> None:
         assert rel < {torch.float32: 1e-5}.get(dtype, 4e-3)
 
 
+@pytest.mark.parametrize("m", [9, 16])
+def test_gemv_tcm_stages_only_x_inside_m_and_k(m: int) -> None:
+    # M = 9-16 on a large weight copy each step's x tile to shared memory (rows past M and columns past K are
+    # zero-filled, not read): x's rows are views into a buffer whose columns past K are NaN, cut into slices that
+    # leave phantom steps (3 of 64) or a partial last step (K = 8256); the same bits as a contiguous copy of x
+    from nf4.kernels import gemv_tcm as kgemv_tcm
+
+    for k, split_k in ((8192, 3), (8256, 0)):
+        q = ops.quantize(torch.randn(4096, k, device="cuda"))
+        assert 4096 * k >= kgemv_tcm.XS_MIN_PARAMS
+        buf = torch.full((m, k + 192), float("nan"), device="cuda", dtype=torch.bfloat16)
+        buf[:, :k] = torch.randn(m, k, device="cuda")
+        config = kgemv_tcm.GemvTcmConfig(split_k)
+        out = kgemv_tcm.gemv_tcm(buf[:, :k], *_qargs(q), 4096, None, config)
+        ref = buf[:, :k].double() @ ops.dequantize(q, torch.bfloat16).double().T
+        assert ((out.double() - ref).norm() / ref.norm()).item() < TABLE_TOLERANCE
+        assert torch.equal(kgemv_tcm.gemv_tcm(buf[:, :k].contiguous(), *_qargs(q), 4096, None, config), out)
+
+
 def test_matmul_of_an_empty_batch() -> None:
     # zero rows of x: no fused-kernel launch (it needs M >= 1), an empty result of the right shape
     q = ops.quantize(torch.randn(64, 128, device="cuda"))

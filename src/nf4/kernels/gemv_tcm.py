@@ -16,6 +16,10 @@ bound by those ALU instructions (tenth session's profile).
   (no spills at M <= 8; at M = 16 none under Triton 3.6, 8 bytes in 3.9's split-K build; at 64 registers and
   4 programs M = 16 spills 48 bytes and took 11-24% longer on Llama shapes, twenty-second session).
 - Each step's 4 absmax (2 rows x 2 blocks) are decoded once a quad, one a lane, and shared by shuffles.
+- From M = 9 (on weights of XS_MIN_PARAMS and up) x comes through shared memory: the program copies each step's
+  x tile once (cp.async, a step ahead) and its warps read their fragments there, instead of each of the 8 warps
+  loading the same x (twenty-second session, H200: 3-10% faster at M = 16; without any x loads at all, a bound,
+  M = 16 took 35% less time on 28672x8192).
 
 H200, one process, CUDA graphs, against mma.py (docs/BENCHMARKS_GPU.md, fourteenth session): M = 2 on 28672x8192
 0.0734 ms against 0.1036 (bf16 0.1087), 8192x28672 0.0685 against 0.1019; M = 8 0.0851 / 0.0766 against
@@ -42,6 +46,9 @@ from nf4.kernels.gemv import _load16
 from nf4.kernels.gemv_tc import _from_quad, _lookup4, _mma, _table, best_split
 
 BLOCK_N = 128  # rows of W a program (8 warps)
+# Weights from which M = 9-16 read x through shared memory (_x_buffers): 3-10% faster on 4096x4096 and up
+# (H200, twenty-second session), 2.5% slower on 1024x4096; 5-25% slower at M = 5-8, whose loads of x are half.
+XS_MIN_PARAMS = 1 << 23
 MIN_M = 2
 MAX_M = 16
 
@@ -81,15 +88,54 @@ def _codes8(ptr, mask, INTERPRETED: tl.constexpr):
     return w0, w1
 
 
-# One block: the lane's codes of rows a and b (2 words each), its 16 elements of x rows g (and g + 8, HALVES = 2),
-# 4 mmas (8). mma j takes bytes 2j and 2j + 1 of the lane's 8: its k = 2t, 2t + 1 are byte 2j's elements, and x
-# word 2j holds the same two elements; k = 2t + 8, 2t + 9 are byte 2j + 1's.
+# x through shared memory (M = 9-16 on weights of at least XS_MIN_PARAMS): the program's 256 threads copy a step's
+# x tile (16 rows x 128 elements) once, 16 bytes each by cp.async (zero-filled past M rows or K), into one of two
+# buffers of 16 rows x 272 bytes (a row's 256 bytes + 16, so a quad's 16-byte reads fall in distinct banks); at the
+# top of each step the program waits for its copy and synchronizes (which also frees the other buffer, read the step
+# before, for the next step's copy), and each warp reads its fragments by ld.shared. Otherwise each of the 8 warps
+# loaded the same x from L1/L2 itself. (An array declared by inline PTX, as _table's: one instance a kernel.)
 @triton.jit
-def _block(wa0, wa1, wb0, wb1, x_ptr, xm, x_ptr2, xm2, lane8, base, quant_map_ptr, NW: tl.constexpr,
-           X_KIND: tl.constexpr, HALVES: tl.constexpr, INTERPRETED: tl.constexpr):  # fmt: skip
+def _x_buffers(i):
+    return tl.inline_asm_elementwise(".shared .align 16 .b8 nf4_xs[8704]; mov.u32 $0, nf4_xs;", "=r,r", [i],
+                                     dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _stage(dst, src, mask):
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b32 n; setp.ne.b32 p, $3, 0; selp.b32 n, 16, 0, p;"
+        " cp.async.cg.shared.global [$1], [$2], 16, n; cp.async.commit_group; mov.b32 $0, 0; }",
+        "=r,r,l,r", [dst, src, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+# The staged buffer at addr, once this thread's copies have landed and every thread of the program is here.
+@triton.jit
+def _wait_staged(addr):
+    return tl.inline_asm_elementwise("cp.async.wait_group 0; bar.sync 0; mov.b32 $0, $1;", "=r,r", [addr],
+                                     dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _lds16(addr):
+    return tl.inline_asm_elementwise("ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,r", [addr],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False, pack=1)  # fmt: skip
+
+
+# One block: the lane's codes of rows a and b (2 words each), its 16 elements of x rows g (and g + 8, HALVES = 2)
+# from global memory or (XS) from the staged tile at shared addresses xs_a / xs_b, 4 mmas (8). mma j takes bytes
+# 2j and 2j + 1 of the lane's 8: its k = 2t, 2t + 1 are byte 2j's elements, and x word 2j holds the same two
+# elements; k = 2t + 8, 2t + 9 are byte 2j + 1's.
+@triton.jit
+def _block(wa0, wa1, wb0, wb1, x_ptr, xm, x_ptr2, xm2, xs_a, xs_b, lane8, base, quant_map_ptr, NW: tl.constexpr,
+           X_KIND: tl.constexpr, HALVES: tl.constexpr, XS: tl.constexpr, INTERPRETED: tl.constexpr):  # fmt: skip
     zero = tl.zeros(wa0.shape, tl.float32)
-    x0, x1, x2, x3 = _load16(x_ptr, xm, INTERPRETED)
-    x4, x5, x6, x7 = _load16(x_ptr + 4, xm, INTERPRETED)
+    if XS:
+        x0, x1, x2, x3 = _lds16(xs_a)
+        x4, x5, x6, x7 = _lds16(xs_a + 16)
+    else:
+        x0, x1, x2, x3 = _load16(x_ptr, xm, INTERPRETED)
+        x4, x5, x6, x7 = _load16(x_ptr + 4, xm, INTERPRETED)
     a0, a1, a2, a3 = _lookup4(wa0, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
     a4, a5, a6, a7 = _lookup4(wa1, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
     b0, b1, b2, b3 = _lookup4(wb0, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
@@ -99,8 +145,12 @@ def _block(wa0, wa1, wb0, wb1, x_ptr, xm, x_ptr2, xm2, lane8, base, quant_map_pt
     c0, c1, c2, c3 = _mma(a4, b4, a5, b5, x4, x5, c0, c1, c2, c3, NW, X_KIND, INTERPRETED)
     c0, c1, c2, c3 = _mma(a6, b6, a7, b7, x6, x7, c0, c1, c2, c3, NW, X_KIND, INTERPRETED)
     if HALVES == 2:
-        y0, y1, y2, y3 = _load16(x_ptr2, xm2, INTERPRETED)
-        y4, y5, y6, y7 = _load16(x_ptr2 + 4, xm2, INTERPRETED)
+        if XS:
+            y0, y1, y2, y3 = _lds16(xs_b)
+            y4, y5, y6, y7 = _lds16(xs_b + 16)
+        else:
+            y0, y1, y2, y3 = _load16(x_ptr2, xm2, INTERPRETED)
+            y4, y5, y6, y7 = _load16(x_ptr2 + 4, xm2, INTERPRETED)
         d0, d1, d2, d3 = _mma(a0, b0, a1, b1, y0, y1, zero, zero, zero, zero, NW, X_KIND, INTERPRETED)
         d0, d1, d2, d3 = _mma(a2, b2, a3, b3, y2, y3, d0, d1, d2, d3, NW, X_KIND, INTERPRETED)
         d0, d1, d2, d3 = _mma(a4, b4, a5, b5, y4, y5, d0, d1, d2, d3, NW, X_KIND, INTERPRETED)
@@ -141,7 +191,7 @@ def _gemv_tcm_kernel(
     x_ptr, data_ptr, absmax_ptr, quant_map_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
     bias_ptr, out_ptr, partial_ptr, M, N, K, stride_xw, per,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, HALVES: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, HALVES: tl.constexpr, XS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     THREADS: tl.constexpr = BLOCK_N * 2  # 16 rows a warp
     NW: tl.constexpr = THREADS // 32
@@ -178,8 +228,23 @@ def _gemv_tcm_kernel(
     na0, na1, nb0, nb1, nc0, nc1, nd0, nd1 = _step_codes(pa, sl * per, wpr, i * 0 + total > 0, row_a, N, INTERPRETED)
     xa = x_ptr + g * stride_xw + 8 * t  # x row g (the mma's column g), and row g + 8 for the second n8 mma
     xb = xa + 8 * stride_xw
+    if XS:  # thread i copies 16 bytes (chunk i % 16) of x row i // 16 of each step; lane (g, t) reads rows g, g + 8
+        xs0 = _x_buffers(i)
+        st_row = i // 16
+        st_chunk = i % 16
+        st_src = x_ptr + tl.minimum(st_row, M - 1) * stride_xw + st_chunk * 4
+        st_dst = xs0 + st_row * 272 + st_chunk * 16
+        _stage(st_dst, st_src + sl * per * 64, (st_row < M) & (sl * per * 128 + st_chunk * 8 < K) & (i * 0 + total > 0))
+        rd_a = g * 272 + 32 * t
+    else:
+        xs0 = i * 0
+        rd_a = i * 0
     for it in range(0, total):
         s = sl * per + step_in
+        if XS:  # this step's tile: buffer it % 2
+            cur = _wait_staged(xs0 + (it % 2) * 4352)
+        else:
+            cur = i * 0
         row_a = tile * BLOCK_N + warp * 16 + g
         row_b = row_a + 8
         qa0, qa1, qb0, qb1, qc0, qc1, qd0, qd1 = na0, na1, nb0, nb1, nc0, nc1, nd0, nd1
@@ -201,6 +266,10 @@ def _gemv_tcm_kernel(
         s1 = sl1 * per + step1
         live = (i * 0 + it + 1 < total) & (i * 0 + s1 < steps)
         na0, na1, nb0, nb1, nc0, nc1, nd0, nd1 = _step_codes(pa1, s1, wpr, live, r1, N, INTERPRETED)
+        if XS:  # the next step's tile into the other buffer (free: every thread passed this step's barrier)
+            _stage(
+                st_dst + ((it + 1) % 2) * 4352, st_src + s1 * 64, (st_row < M) & (s1 * 128 + st_chunk * 8 < K) & live
+            )
         # the step's 4 absmax (rows a, b x its 2 blocks), one a lane: lane t decodes row a (t even) or b (t odd)
         # of block t // 2, and its quad shares them. Until the twenty-second session each lane decoded all 4:
         # 418 SASS instructions a step at M = 16 with double quant (Triton 3.6), now 351 (M = 8: 363 -> 298),
@@ -217,8 +286,9 @@ def _gemv_tcm_kernel(
             else:
                 wa0, wa1, wb0, wb1 = qc0, qc1, qd0, qd1
             c0, c1, c2, c3, d0, d1, d2, d3 = _block(
-                wa0, wa1, wb0, wb1, xa + e // 2, inside & (g < M), xb + e // 2, inside & (g + 8 < M), lane8, base,
-                quant_map_ptr, NW, X_KIND, HALVES, INTERPRETED,
+                wa0, wa1, wb0, wb1, xa + e // 2, inside & (g < M), xb + e // 2, inside & (g + 8 < M),
+                cur + rd_a + 128 * half, cur + rd_a + 8 * 272 + 128 * half, lane8, base, quant_map_ptr, NW, X_KIND,
+                HALVES, XS, INTERPRETED,
             )  # fmt: skip
             am_a = _from_quad(am, 2 * half, NW, INTERPRETED)
             am_b = _from_quad(am, 2 * half + 1, NW, INTERPRETED)
@@ -324,6 +394,7 @@ def gemv_tcm(
         x.stride(0) // 2, per,
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         X_KIND=0 if x.dtype == torch.bfloat16 else 1, BLOCK_N=BLOCK_N, SPLIT_K=split_k, HALVES=2 if m > 8 else 1,
+        XS=m > 8 and n * k >= XS_MIN_PARAMS and not interpreted(),
         INTERPRETED=interpreted(), num_warps=BLOCK_N // 16, **options,
     )  # fmt: skip
     if split_k > 1:
