@@ -435,6 +435,29 @@ def test_gemv_tcm_takes_2_to_16_half_precision_rows_of_whole_64_blocks() -> None
     assert not kgemv_tcm.supported(x.float(), 128, 64) and not kgemv_tcm.supported(x, 128, 32)
 
 
+def test_table_kernels_only_on_ampere_or_newer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # their mma.sync.m16n8k16 (bf16 / fp16) and cp.async need compute capability 8.0: ptxas rejects them for a T4
+    # (7.5) or a V100 (7.0), so there ops sends 1-16 rows to the FMA and tl.dot kernels, which compile for both
+    from nf4 import ops
+
+    capability = {0: (7, 5), 1: (8, 0), 2: (9, 0), 3: (7, 0), 4: (12, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[device.index])
+    common.ampere_or_newer.cache_clear()
+    try:
+        gpus = [common.ampere_or_newer(torch.device("cuda", i)) for i in range(5)]
+        assert gpus == [False, True, True, False, True] and common.ampere_or_newer(torch.device("cpu"))
+    finally:
+        common.ampere_or_newer.cache_clear()
+    x = torch.randn(1, 4096, dtype=torch.bfloat16)
+    assert (
+        ops._table_kernel(x, 64, 4096) is kgemv_tc.gemv_tc
+        and ops._table_kernel(x.repeat(8, 1), 64, 64) is kgemv_tcm.gemv_tcm
+    )
+    for module in (kgemv_tc, kgemv_tcm):
+        monkeypatch.setattr(module, "ampere_or_newer", lambda device: False)
+    assert ops._table_kernel(x, 64, 4096) is None and ops._table_kernel(x.repeat(8, 1), 64, 64) is None
+
+
 @pytest.mark.parametrize("blocksize", [32, 64])
 def test_dequantize_partial_last_block_and_many_programs(blocksize: int) -> None:
     n = (kdequantize._BYTES_PER_PROGRAM // (blocksize // 2)) * blocksize * 2 + blocksize + 7  # 2 programs + tail

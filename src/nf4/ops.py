@@ -156,7 +156,8 @@ def _matmul_cuda(x: torch.Tensor, qargs: tuple) -> torch.Tensor:
 
 def _table_kernel(x: torch.Tensor, blocksize: int, out_features: int) -> Callable[..., torch.Tensor] | None:
     """The table kernel that takes x, if one does: gemv_tc for one row of a large weight and for 2-4 rows of any
-    (H200, twentieth session: 4-25% faster than gemv_tcm at M = 2-4 on 10 Llama shapes), gemv_tcm for 5-16."""
+    (H200, twentieth session: 4-25% faster than gemv_tcm at M = 2-4 on 10 Llama shapes), gemv_tcm for 5-16. None
+    before Ampere (their PTX needs compute capability 8.0)."""
     k = x.shape[1]
     if _kgemv_tc.supported(x, k, blocksize) and (x.shape[0] > 1 or out_features * k >= _kgemv_tc.MIN_PARAMS):
         return _kgemv_tc.gemv_tc

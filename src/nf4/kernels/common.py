@@ -224,6 +224,16 @@ def programs(device: torch.device, per_sm: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
 
 
+@functools.cache
+def ampere_or_newer(device: torch.device) -> bool:
+    """Whether the table kernels' inline PTX runs on device: ``mma.sync.m16n8k16`` in bf16/fp16 and ``cp.async``
+    need compute capability 8.0, so ptxas rejects them for a T4 or a V100 (checked offline for sm_70 and sm_75, all
+    the other kernels compile there). CPU tensors (the interpreter) take them. Cached: a decode step asks often."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 # Direct launches (``run``) are written against the launcher of Triton 3.6-3.9 (tested on both); earlier versions,
 # whose launch path and hooks differ (no ``triton.knobs`` before 3.4), always launch through Triton.
 _DIRECT = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 6)

@@ -53,7 +53,16 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import interpreted, programs, round_to, run, sum_slices, sum_tiles, tile_counters
+from nf4.kernels.common import (
+    ampere_or_newer,
+    interpreted,
+    programs,
+    round_to,
+    run,
+    sum_slices,
+    sum_tiles,
+    tile_counters,
+)
 from nf4.kernels.common import load_absmax as _absmax
 from nf4.kernels.gemv import _load16
 
@@ -82,9 +91,14 @@ class GemvTcConfig:
 
 
 def supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
-    """1-4 rows of bf16/fp16 x, rows of whole 64-element blocks (a block is one or more mma column slots)."""
+    """1-4 rows of bf16/fp16 x, rows of whole 64-element blocks (a block is one or more mma column slots), on an
+    Ampere or newer GPU."""
     return (
-        1 <= x.shape[0] <= MAX_M and x.dtype in (torch.bfloat16, torch.float16) and k % 64 == 0 and blocksize % 64 == 0
+        1 <= x.shape[0] <= MAX_M
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and k % 64 == 0
+        and blocksize % 64 == 0
+        and ampere_or_newer(x.device)
     )
 
 

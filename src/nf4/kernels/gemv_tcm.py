@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4.kernels.common import interpreted, programs, round_to, run, sum_slices
+from nf4.kernels.common import ampere_or_newer, interpreted, programs, round_to, run, sum_slices
 from nf4.kernels.common import load_absmax as _absmax
 from nf4.kernels.gemv import _load16
 from nf4.kernels.gemv_tc import _from_quad, _lookup4, _mma, _table, best_split
@@ -64,12 +64,14 @@ class GemvTcmConfig:
 
 
 def supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
-    """2-16 rows of bf16/fp16 x, rows of whole 64-element blocks (a block is the k-range of 4 mmas)."""
+    """2-16 rows of bf16/fp16 x, rows of whole 64-element blocks (a block is the k-range of 4 mmas), on an Ampere or
+    newer GPU."""
     return (
         MIN_M <= x.shape[0] <= MAX_M
         and x.dtype in (torch.bfloat16, torch.float16)
         and k % 64 == 0
         and blocksize % 64 == 0
+        and ampere_or_newer(x.device)
     )
 
 
