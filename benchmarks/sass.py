@@ -1,6 +1,6 @@
 """Compile nf4's Triton kernels for Hopper (sm_90a) on any machine, without a GPU: registers, spills, SASS.
 
-Usage: python benchmarks/sass.py [--only NAME,...] [--sass DIR]
+Usage: python benchmarks/sass.py [--only NAME,...] [--sass DIR] [--arch 90]
 Prints one JSON line per build: registers a thread, spill bytes (local + stack), static and dynamic shared memory,
 SASS instructions. The builds are the launches the ops make on Llama-shaped weights (BUILDS below), compiled with the
 installed Triton and the ptxas / cuobjdump its wheel ships, so reading a kernel's SASS or register count costs no
@@ -130,10 +130,16 @@ BUILDS = {
 
 
 def build(
-    kernel: triton.JITFunction, ptrs: dict, consts: dict, num_warps: int, num_stages: int, options: dict | None = None
+    kernel: triton.JITFunction,
+    ptrs: dict,
+    consts: dict,
+    num_warps: int,
+    num_stages: int,
+    options: dict | None = None,
+    arch: int = 90,
 ) -> dict:
-    """Compile for sm_90a and read the cubin's resource usage and SASS. Pointers and integer arguments are marked
-    16-divisible, as Triton specializes them on Llama-shaped weights."""
+    """Compile for sm_<arch> (90: sm_90a) and read the cubin's resource usage and SASS. Pointers and integer
+    arguments are marked 16-divisible, as Triton specializes them on Llama-shaped weights."""
     consts = {**consts, "INTERPRETED": False} if "INTERPRETED" in kernel.arg_names else consts
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -146,7 +152,7 @@ def build(
     assert not ptrs and not consts, (ptrs, consts)  # every given argument names one of the kernel's
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs, attrs),
-        target=GPUTarget("cuda", 90, 32),
+        target=GPUTarget("cuda", arch, 32),
         options={"num_warps": num_warps, "num_stages": num_stages, **(options or {})},
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,17 +175,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", help="comma-separated build names (default: all)")
     parser.add_argument("--sass", help="directory to write each build's SASS to")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default: 90)")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(BUILDS)
     for name in names:
         kernel, ptrs, consts, num_warps, num_stages, *options = BUILDS[name]
-        result = build(kernel, dict(ptrs), dict(consts), num_warps, num_stages, *options)
+        result = build(kernel, dict(ptrs), dict(consts), num_warps, num_stages, *(options or [None]), args.arch)
         sass = result.pop("sass")
         if args.sass:
             os.makedirs(args.sass, exist_ok=True)
             with open(os.path.join(args.sass, f"{name}.sass"), "w") as f:
                 f.write(sass)
-        print(json.dumps(dict(build=name, triton=triton.__version__, **result)), flush=True)
+        print(json.dumps(dict(build=name, arch=args.arch, triton=triton.__version__, **result)), flush=True)
 
 
 if __name__ == "__main__":

@@ -227,8 +227,9 @@ def programs(device: torch.device, per_sm: int) -> int:
 @functools.cache
 def ampere_or_newer(device: torch.device) -> bool:
     """Whether the table kernels' inline PTX runs on device: ``mma.sync.m16n8k16`` in bf16/fp16 and ``cp.async``
-    need compute capability 8.0, so ptxas rejects them for a T4 or a V100 (checked offline for sm_70 and sm_75, all
-    the other kernels compile there). CPU tensors (the interpreter) take them. Cached: a decode step asks often."""
+    need compute capability 8.0, so ptxas rejects them for a T4 or a V100 (offline, sm_75 and sm_70: every other
+    kernel compiles there; tests/test_sass.py). CPU tensors (the interpreter) take them. Cached: a decode step asks
+    often."""
     if device.type != "cuda":
         return True
     return torch.cuda.get_device_capability(device) >= (8, 0)
