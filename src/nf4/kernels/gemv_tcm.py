@@ -124,6 +124,19 @@ def _lds16(addr):
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False, pack=1)  # fmt: skip
 
 
+# The lane's 16 elements of an x row for one block (8 words): from the staged tile at shared address xs (XS) or
+# from global memory (0 where masked).
+@triton.jit
+def _x_row(x_ptr, mask, xs, XS: tl.constexpr, INTERPRETED: tl.constexpr):
+    if XS:
+        w0, w1, w2, w3 = _lds16(xs)
+        w4, w5, w6, w7 = _lds16(xs + 16)
+    else:
+        w0, w1, w2, w3 = _load16(x_ptr, mask, INTERPRETED)
+        w4, w5, w6, w7 = _load16(x_ptr + 4, mask, INTERPRETED)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
 # One block: the lane's codes of rows a and b (2 words each), its 16 elements of x rows g (and g + 8, HALVES = 2)
 # from global memory or (XS) from the staged tile at shared addresses xs_a / xs_b, 4 mmas (8). mma j takes bytes
 # 2j and 2j + 1 of the lane's 8: its k = 2t, 2t + 1 are byte 2j's elements, and x word 2j holds the same two
@@ -132,12 +145,7 @@ def _lds16(addr):
 def _block(wa0, wa1, wb0, wb1, x_ptr, xm, x_ptr2, xm2, xs_a, xs_b, lane8, base, quant_map_ptr, NW: tl.constexpr,
            X_KIND: tl.constexpr, HALVES: tl.constexpr, XS: tl.constexpr, INTERPRETED: tl.constexpr):  # fmt: skip
     zero = tl.zeros(wa0.shape, tl.float32)
-    if XS:
-        x0, x1, x2, x3 = _lds16(xs_a)
-        x4, x5, x6, x7 = _lds16(xs_a + 16)
-    else:
-        x0, x1, x2, x3 = _load16(x_ptr, xm, INTERPRETED)
-        x4, x5, x6, x7 = _load16(x_ptr + 4, xm, INTERPRETED)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_row(x_ptr, xm, xs_a, XS, INTERPRETED)
     a0, a1, a2, a3 = _lookup4(wa0, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
     a4, a5, a6, a7 = _lookup4(wa1, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
     b0, b1, b2, b3 = _lookup4(wb0, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
@@ -147,12 +155,7 @@ def _block(wa0, wa1, wb0, wb1, x_ptr, xm, x_ptr2, xm2, xs_a, xs_b, lane8, base, 
     c0, c1, c2, c3 = _mma(a4, b4, a5, b5, x4, x5, c0, c1, c2, c3, NW, X_KIND, INTERPRETED)
     c0, c1, c2, c3 = _mma(a6, b6, a7, b7, x6, x7, c0, c1, c2, c3, NW, X_KIND, INTERPRETED)
     if HALVES == 2:
-        if XS:
-            y0, y1, y2, y3 = _lds16(xs_b)
-            y4, y5, y6, y7 = _lds16(xs_b + 16)
-        else:
-            y0, y1, y2, y3 = _load16(x_ptr2, xm2, INTERPRETED)
-            y4, y5, y6, y7 = _load16(x_ptr2 + 4, xm2, INTERPRETED)
+        y0, y1, y2, y3, y4, y5, y6, y7 = _x_row(x_ptr2, xm2, xs_b, XS, INTERPRETED)
         d0, d1, d2, d3 = _mma(a0, b0, a1, b1, y0, y1, zero, zero, zero, zero, NW, X_KIND, INTERPRETED)
         d0, d1, d2, d3 = _mma(a2, b2, a3, b3, y2, y3, d0, d1, d2, d3, NW, X_KIND, INTERPRETED)
         d0, d1, d2, d3 = _mma(a4, b4, a5, b5, y4, y5, d0, d1, d2, d3, NW, X_KIND, INTERPRETED)
