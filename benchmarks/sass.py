@@ -180,7 +180,7 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(BUILDS)
     for name in names:
         kernel, ptrs, consts, num_warps, num_stages, *options = BUILDS[name]
-        result = build(kernel, dict(ptrs), dict(consts), num_warps, num_stages, *(options or [None]), args.arch)
+        result = build(kernel, dict(ptrs), dict(consts), num_warps, num_stages, *options, arch=args.arch)
         sass = result.pop("sass")
         if args.sass:
             os.makedirs(args.sass, exist_ok=True)

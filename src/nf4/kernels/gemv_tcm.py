@@ -97,17 +97,20 @@ def _codes8(ptr, mask, INTERPRETED: tl.constexpr):
 # before, for the next step's copy), and each warp reads its fragments by ld.shared. Otherwise each of the 8 warps
 # loaded the same x from L1/L2 itself. (An array declared by inline PTX, as _table's: one instance a kernel.)
 @triton.jit
-def _x_buffers(i):
+def _x_buffers(i):  # 8704 = 2 buffers x 16 rows x 272 bytes (the kernel's XS_ROW)
     return tl.inline_asm_elementwise(".shared .align 16 .b8 nf4_xs[8704]; mov.u32 $0, nf4_xs;", "=r,r", [i],
                                      dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
+# Thread i's 16 bytes of step s's x tile (chunk i % 16 of x row i // 16; src: that chunk's first word at step 0)
+# into the buffer at dst, zero-filled for rows past M, past K, or where not live.
 @triton.jit
-def _stage(dst, src, mask):
+def _stage(dst, src, row, chunk, s, live, M, K):
+    mask = (row < M) & (s * 128 + chunk * 8 < K) & live
     return tl.inline_asm_elementwise(
         "{ .reg .pred p; .reg .b32 n; setp.ne.b32 p, $3, 0; selp.b32 n, 16, 0, p;"
         " cp.async.cg.shared.global [$1], [$2], 16, n; cp.async.commit_group; mov.b32 $0, 0; }",
-        "=r,r,l,r", [dst, src, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+        "=r,r,l,r", [dst, src + s * 64, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
     )  # fmt: skip
 
 
@@ -233,21 +236,23 @@ def _gemv_tcm_kernel(
     na0, na1, nb0, nb1, nc0, nc1, nd0, nd1 = _step_codes(pa, sl * per, wpr, i * 0 + total > 0, row_a, N, INTERPRETED)
     xa = x_ptr + g * stride_xw + 8 * t  # x row g (the mma's column g), and row g + 8 for the second n8 mma
     xb = xa + 8 * stride_xw
+    XS_ROW: tl.constexpr = 272  # bytes a staged x row; _x_buffers holds two buffers of 16 rows
+    XS_BUF: tl.constexpr = 16 * XS_ROW
     if XS:  # thread i copies 16 bytes (chunk i % 16) of x row i // 16 of each step; lane (g, t) reads rows g, g + 8
         xs0 = _x_buffers(i)
         st_row = i // 16
         st_chunk = i % 16
         st_src = x_ptr + tl.minimum(st_row, M - 1) * stride_xw + st_chunk * 4
-        st_dst = xs0 + st_row * 272 + st_chunk * 16
-        _stage(st_dst, st_src + sl * per * 64, (st_row < M) & (sl * per * 128 + st_chunk * 8 < K) & (i * 0 + total > 0))
-        rd_a = g * 272 + 32 * t
+        st_dst = xs0 + st_row * XS_ROW + st_chunk * 16
+        _stage(st_dst, st_src, st_row, st_chunk, sl * per, i * 0 + total > 0, M, K)
+        rd_a = g * XS_ROW + 32 * t
     else:
         xs0 = i * 0
         rd_a = i * 0
     for it in range(0, total):
         s = sl * per + step_in
         if XS:  # this step's tile: buffer it % 2
-            cur = _wait_staged(xs0 + (it % 2) * 4352)
+            cur = _wait_staged(xs0 + (it % 2) * XS_BUF)
         else:
             cur = i * 0
         row_a = tile * BLOCK_N + warp * 16 + g
@@ -272,9 +277,7 @@ def _gemv_tcm_kernel(
         live = (i * 0 + it + 1 < total) & (i * 0 + s1 < steps)
         na0, na1, nb0, nb1, nc0, nc1, nd0, nd1 = _step_codes(pa1, s1, wpr, live, r1, N, INTERPRETED)
         if XS:  # the next step's tile into the other buffer (free: every thread passed this step's barrier)
-            _stage(
-                st_dst + ((it + 1) % 2) * 4352, st_src + s1 * 64, (st_row < M) & (s1 * 128 + st_chunk * 8 < K) & live
-            )
+            _stage(st_dst + ((it + 1) % 2) * XS_BUF, st_src, st_row, st_chunk, s1, live, M, K)
         # the step's 4 absmax (rows a, b x its 2 blocks), one a lane: lane t decodes row a (t even) or b (t odd)
         # of block t // 2, and its quad shares them. Until the twenty-second session each lane decoded all 4:
         # 418 SASS instructions a step at M = 16 with double quant (Triton 3.6), now 351 (M = 8: 363 -> 298),
@@ -292,7 +295,7 @@ def _gemv_tcm_kernel(
                 wa0, wa1, wb0, wb1 = qc0, qc1, qd0, qd1
             c0, c1, c2, c3, d0, d1, d2, d3 = _block(
                 wa0, wa1, wb0, wb1, xa + e // 2, inside & (g < M), xb + e // 2, inside & (g + 8 < M),
-                cur + rd_a + 128 * half, cur + rd_a + 8 * 272 + 128 * half, lane8, base, quant_map_ptr, NW, X_KIND,
+                cur + rd_a + 128 * half, cur + rd_a + 8 * XS_ROW + 128 * half, lane8, base, quant_map_ptr, NW, X_KIND,
                 HALVES, XS, INTERPRETED,
             )  # fmt: skip
             am_a = _from_quad(am, 2 * half, NW, INTERPRETED)
