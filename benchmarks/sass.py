@@ -71,10 +71,15 @@ def _mma(x: str, m: int, block_n: int, split_k: int, double_quant: bool) -> tupl
     return mma._mma_kernel, ptrs, consts, 4, 3
 
 
-def _dequantize(out: str, double_quant: bool, partial: bool) -> tuple:
-    ptrs = dict(data_ptr="*u8", out_ptr=out, **_scales(double_quant))
-    consts = dict(BLOCKSIZE=64, NB=1 if partial else 128, DOUBLE_QUANT=double_quant, PARTIAL=partial)
-    return dequantize._dequantize_kernel, ptrs, consts, 4 if partial else dequantize._NUM_WARPS, 3
+def _dequantize(out: str, double_quant: bool, partial: bool, large: bool = True, pair_cvt: bool = True) -> tuple:
+    """The whole-block launch writes a word a code byte (int32 for bf16/fp16, int64 for fp32); the partial one
+    writes out in its own dtype. pair_cvt: one conversion for both values (sm_80 and newer)."""
+    kind = {"*bf16": 0, "*fp16": 1, _FP32: 2}[out]
+    nbytes, warps = (32, 4) if partial else dequantize._LARGE if large else dequantize._SMALL
+    ptrs = dict(data_ptr="*u8", out_ptr=out if partial else "*i64" if kind == 2 else "*i32", **_scales(double_quant))
+    consts = dict(BLOCKSIZE=64, NB=nbytes // 32, DOUBLE_QUANT=double_quant, PARTIAL=partial, OUT_KIND=kind,
+                  PAIR_CVT=pair_cvt, THREADS=32 * warps)  # fmt: skip
+    return dequantize._dequantize_kernel, ptrs, consts, warps, 3
 
 
 def _quantize(x: str, fp4: bool) -> tuple:
@@ -120,6 +125,10 @@ BUILDS = {
     "mma-bf16-m16-rows128-dq": _mma("*bf16", 16, 128, 4, True),
     "mma-fp16-m64-rows64-plain": _mma("*fp16", 64, 64, 1, False),
     "dequantize-bf16-dq": _dequantize("*bf16", True, False),
+    "dequantize-fp16-dq-small": _dequantize("*fp16", True, False, large=False),
+    "dequantize-bf16-dq-pre-ampere": _dequantize("*bf16", True, False, pair_cvt=False),
+    "dequantize-fp16-plain-pre-ampere": _dequantize("*fp16", False, False, pair_cvt=False),
+    "dequantize-fp32-plain": _dequantize(_FP32, False, False),
     "dequantize-fp32-plain-partial": _dequantize(_FP32, False, True),
     "quantize-nf4-bf16": _quantize("*bf16", False),
     "quantize-fp4-fp32": _quantize(_FP32, True),

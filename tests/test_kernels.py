@@ -458,9 +458,24 @@ def test_table_kernels_only_on_ampere_or_newer(monkeypatch: pytest.MonkeyPatch) 
     assert ops._table_kernel(x, 64, 4096) is None and ops._table_kernel(x.repeat(8, 1), 64, 64) is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_bits_equal_reference_into_any_view(dtype: torch.dtype) -> None:
+    """A byte's two values leave as one word: bit for bit the reference's (flushed products +0), also where
+    ``out`` is a view whose words straddle (decoded apart, then copied)."""
+    x = torch.randn(9, 320) * 3
+    x.view(-1)[:128] *= 1e-38 / 3  # blocks of tiny normals: their products flush to zero
+    q = format.quantize(x, blocksize=64)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    ref = format.dequantize(q, dtype).view(-1).view(bits)
+    assert torch.equal(kdequantize.dequantize(*_qargs(q), x.numel(), dtype).view(bits), ref)
+    out = torch.full((x.numel() + 1,), float("nan"), dtype=dtype)[1:]
+    kdequantize.dequantize(*_qargs(q), x.numel(), dtype, out=out)
+    assert torch.equal(out.view(bits), ref)
+
+
 @pytest.mark.parametrize("blocksize", [32, 64])
 def test_dequantize_partial_last_block_and_many_programs(blocksize: int) -> None:
-    n = (kdequantize._BYTES_PER_PROGRAM // (blocksize // 2)) * blocksize * 2 + blocksize + 7  # 2 programs + tail
+    n = (kdequantize._SMALL[0] // (blocksize // 2)) * blocksize * 2 + blocksize + 7  # 2 programs + a partial block
     q = format.quantize(torch.randn(n), blocksize=blocksize)
     out = kdequantize.dequantize(*_qargs(q), n, torch.bfloat16)
     assert torch.equal(out, format.dequantize(q, torch.bfloat16).view(-1))

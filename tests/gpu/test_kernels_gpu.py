@@ -40,6 +40,28 @@ def test_quantize_dequantize_equal_reference(shape: tuple, quant_type: str, dtyp
             assert torch.equal(ops.dequantize(ours, out_dtype), nf4.dequantize(ref, out_dtype))
 
 
+@pytest.mark.parametrize("shape", [(4096, 4096), (8192, 4224)])  # under and over dequantize.SMALL_NUMEL
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dequantize_bits_equal_reference(shape: tuple, quant_type: str) -> None:
+    """Bit for bit (a flushed product is +0, as in the reference), with blocks of tiny normals whose products
+    flush to zero, every output dtype and blocksize, into a fresh tensor and into a view whose words straddle."""
+    from nf4.kernels import dequantize as kdequantize
+
+    x = torch.randn(shape, device="cuda") * 3
+    x.view(-1)[: 4 * 256] *= 1e-38 / 3
+    for blocksize in (32, 64, 256):
+        for double_quant in (False, True):
+            q = ops.quantize(x, quant_type, blocksize, double_quant)
+            for dtype, bits in ((torch.bfloat16, torch.int16), (torch.float16, torch.int16),
+                                (torch.float32, torch.int32)):  # fmt: skip
+                ref = nf4.dequantize(q, dtype).view(-1).view(bits)
+                _poison()
+                assert torch.equal(ops.dequantize(q, dtype).view(-1).view(bits), ref)
+                out = torch.full((q.numel() + 1,), float("nan"), dtype=dtype, device="cuda")[1:]
+                kdequantize.dequantize(*_qargs(q), q.numel(), dtype, out=out)
+                assert torch.equal(out.view(bits), ref)
+
+
 def test_quantize_equals_bitsandbytes_cuda() -> None:
     bnbf = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
