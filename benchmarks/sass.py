@@ -72,11 +72,10 @@ def _mma(x: str, m: int, block_n: int, split_k: int, double_quant: bool) -> tupl
 
 
 def _dequantize(out: str, double_quant: bool, partial: bool, large: bool = True, pair_cvt: bool = True) -> tuple:
-    """The whole-block launch writes a word a code byte (int32 for bf16/fp16, int64 for fp32); the partial one
-    writes out in its own dtype. pair_cvt: one conversion for both values (sm_80 and newer)."""
+    """pair_cvt: one conversion for both values of a byte (sm_80 and newer)."""
     kind = {"*bf16": 0, "*fp16": 1, _FP32: 2}[out]
     nbytes, warps = (32, 4) if partial else dequantize._LARGE if large else dequantize._SMALL
-    ptrs = dict(data_ptr="*u8", out_ptr=out if partial else "*i64" if kind == 2 else "*i32", **_scales(double_quant))
+    ptrs = dict(data_ptr="*u8", out_ptr=out, **_scales(double_quant))
     consts = dict(BLOCKSIZE=64, NB=nbytes // 32, DOUBLE_QUANT=double_quant, PARTIAL=partial, OUT_KIND=kind,
                   PAIR_CVT=pair_cvt, THREADS=32 * warps)  # fmt: skip
     return dequantize._dequantize_kernel, ptrs, consts, warps, 3

@@ -30,7 +30,7 @@ SMALL_NUMEL = 1 << 25
 _SMALL = (4096, 4)
 _LARGE = (1024, 1)
 _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-_WORD = {0: torch.int32, 1: torch.int32, 2: torch.int64}  # a byte's two values as one word
+_WORD_BYTES = {torch.bfloat16: 4, torch.float16: 4, torch.float32: 8}  # a byte's two values as one word
 
 
 # The 16 levels into shared memory: the kernel's one ``.shared`` array, declared where this is inlined (once:
@@ -93,7 +93,7 @@ def _decode(c, a, quant_map_ptr, OUT_KIND: tl.constexpr, PAIR_CVT: tl.constexpr,
 
 
 # A program decodes NB whole blocks: block b holds elements [b*BS, (b+1)*BS) and bytes [b*BS/2, (b+1)*BS/2), and
-# byte j leaves as word j of out (words_ptr: out viewed as one word a byte). The last block, when partial, is a
+# byte j leaves as word j of out (out_ptr read as a pointer to such words). The last block, when partial, is a
 # second launch (PARTIAL) masked per element, which writes out in its own dtype.
 @triton.jit
 def _dequantize_kernel(
@@ -138,7 +138,8 @@ def _dequantize_kernel(
     else:
         if not INTERPRETED:
             _levels(quant_map_ptr, THREADS)
-        tl.store(out_ptr + byte, _decode(code, absmax, quant_map_ptr, OUT_KIND, PAIR_CVT, INTERPRETED),
+        words_ptr = out_ptr.to(tl.pointer_type(tl.int64 if OUT_KIND == 2 else tl.int32))
+        tl.store(words_ptr + byte, _decode(code, absmax, quant_map_ptr, OUT_KIND, PAIR_CVT, INTERPRETED),
                  mask=(blk < nblocks)[:, None])  # fmt: skip
 
 
@@ -155,8 +156,7 @@ def dequantize(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flat ``[numel]`` tensor of ``dtype`` (written into ``out`` when given, e.g. a reused buffer)."""
-    word = _WORD[_OUT_KIND[dtype]]
-    if out is not None and out.data_ptr() % word.itemsize:  # a view whose words straddle: decode, then copy
+    if out is not None and out.data_ptr() % _WORD_BYTES[dtype]:  # a view whose words straddle: decode, then copy
         return out.copy_(dequantize(data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
                                     blocksize, numel, dtype))  # fmt: skip
     if out is None:
@@ -170,8 +170,7 @@ def dequantize(
     consts = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, OUT_KIND=_OUT_KIND[dtype],
                   PAIR_CVT=ampere_or_newer(out.device), INTERPRETED=interpreted())  # fmt: skip
     if full:
-        words = out[: full * blocksize].view(word)
-        run(_dequantize_kernel, (triton.cdiv(full, nb),), data, *scales, words, numel, 0, full, NB=nb, PARTIAL=False,
+        run(_dequantize_kernel, (triton.cdiv(full, nb),), data, *scales, out, numel, 0, full, NB=nb, PARTIAL=False,
             THREADS=32 * warps, num_warps=warps, **consts)  # fmt: skip
     if full < nblocks:
         run(_dequantize_kernel, (1,), data, *scales, out, numel, full, nblocks, NB=1, PARTIAL=True, THREADS=128,
