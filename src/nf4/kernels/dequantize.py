@@ -10,7 +10,7 @@ warp's lookups are broadcasts, never conflicts) and a byte's decode is inline PT
 flushed by ``mul.ftz`` then ``+ 0.0`` (a flushed negative product is -0, the reference's +0; adding +0 makes it
 so), one conversion of the pair: ~6.5 instructions an element against ~12 for the element tile with a global
 table load per element. H200, graph-timed (docs/BENCHMARKS.md, twenty-third session), over the copy floor:
-4096x4096 1.43 -> 1.12, 14336x4096 1.24 -> 1.13, 8192x8192 1.22 -> 1.11, 28672x8192 1.13 -> 1.06; a kernel
+4096x4096 1.43 -> 1.12, 14336x4096 1.24 -> 1.12, 8192x8192 1.22 -> 1.11, 28672x8192 1.13 -> 1.06; a kernel
 that moves the same bytes with no decode at all takes 0.96 / 1.11 / 1.09 / 1.06. The interpreter computes the
 same values with loads from ``quant_map`` and packs them by their bits.
 """

@@ -2,7 +2,7 @@
 dequantize W into a bf16/fp16/fp32 buffer, then cuBLAS.
 
 At large M cuBLAS's tensor-core GEMM is the fastest multiply available, and the dequantize pass adds 2.5
-bytes/param (~0.16 ms for a 28672x8192 weight on an H200), small against the GEMM at prefill sizes (1.39 ms at
+bytes/param (~0.15 ms for a 28672x8192 weight on an H200), small against the GEMM at prefill sizes (1.39 ms at
 M = 2048). Up to M = 64 the fused kernels stream only the codes (0.111-0.159 ms against 0.28 for this path on
 that weight). docs/BENCHMARKS.md has the paths at every M."""
 
