@@ -66,7 +66,7 @@ def mma_variants(n: int, k: int) -> dict[str, kmma.MmaConfig]:
 
 
 MMA_MS = (1, 2, 4, 16)
-DEQUANT = [(4096, 4), (4096, 8), (8192, 8), (16384, 8), (16384, 16), (32768, 16)]
+DEQUANT = [(512, 1), (1024, 1), (2048, 1), (2048, 2), (4096, 2), (4096, 4), (8192, 4)]  # (code bytes, warps)
 ROTATE_BYTES = 256 << 20
 ROWS: list[dict] = []
 
@@ -147,8 +147,9 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool, mm
         record(**row)
     if not dequant:
         return
+    chosen = kdequantize._SMALL, kdequantize._LARGE
     for bpp, warps in DEQUANT:
-        kdequantize._BYTES_PER_PROGRAM, kdequantize._NUM_WARPS = bpp, warps
+        kdequantize._SMALL = kdequantize._LARGE = (bpp, warps)  # this program size whatever the weight's size
         bufs = [torch.empty(n * k, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
         poison()
         exact = torch.equal(ops.dequantize(qs[0]), nf4.dequantize(qs[0]))
@@ -157,6 +158,7 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool, mm
         floor = 2.5 * n * k / copy_gbps / 1e6
         record(what="dequantize", shape=name, bpp=bpp, warps=warps, exact=exact, ms=round(t, 4),
                over_floor=round(t / floor, 3))  # fmt: skip
+    kdequantize._SMALL, kdequantize._LARGE = chosen
 
 
 def main() -> None:
