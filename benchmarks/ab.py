@@ -4,7 +4,7 @@ Usage: python benchmarks/ab.py [--fn gemv|mma] [--m M] [--shapes A,B] [--out DIR
 SPEC is LABEL=PATH[:ATTR=VALUE,...][@FIELD=VALUE,...]: a copy of gemv.py or mma.py (a file under out/, say, with
 the change to try), module attributes set before each call (e.g. a LOOKUP switch the copy reads), and fields of
 its default config replaced (a negative split_k divides the default one). Per shape: bf16 cuBLAS and each variant
-at M rows, weights rotated past L2, medians of CUDA-graph replays (kernels_sweep.graph_ms); each variant's error
+at M rows, weights rotated past L2, medians of CUDA-graph replays (kernels.bench); each variant's error
 against fp64 on a fresh input with its output poisoned first, whether it is bit-equal to ``ops.matmul`` (the
 committed kernel), its split and its compiled kernels' (warps, registers, spills). One JSON line per shape, and
 ab.json in DIR. The tenth session's A/B tables (docs/BENCHMARKS_GPU.md) came from this script's first version.
@@ -71,7 +71,7 @@ def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
     n, k = ks.SHAPES[name]
     qs, qa, ws, w0 = ks.rotated_weights(n, k)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    row: dict = dict(shape=name, M=m, bf16_ms=round(ks.graph_ms([lambda w=w: x @ w.T for w in ws]), 4))
+    row: dict = dict(shape=name, M=m, bf16_ms=round(kernels.bench([lambda w=w: x @ w.T for w in ws], True), 4))
     for v in variants:
         saved = {attr: getattr(v.module, attr) for attr in v.attrs}  # restored below: variants share modules
         for attr, value in v.attrs.items():
@@ -88,7 +88,7 @@ def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
             out = call(fresh, *qa[0], n, None, config)
             ref = fresh.double() @ w0.T
             rel = ((out.double() - ref).norm() / ref.norm()).item()  # NaN if an element was left unwritten
-            ms = ks.graph_ms([lambda a=a, f=call, c=config: f(x, *a, n, None, c) for a in qa])
+            ms = kernels.bench([lambda a=a, f=call, c=config: f(x, *a, n, None, c) for a in qa], True)
             row[v.label] = dict(ms=round(ms, 4), rel_err=float(f"{rel:.2e}"), split_k=config.split_k,
                                 bit_equal=torch.equal(out, ops.matmul(fresh, qs[0])))  # fmt: skip
         except Exception as e:  # noqa: BLE001 - a variant that fails to build or run is a result too

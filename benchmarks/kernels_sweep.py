@@ -30,6 +30,9 @@ from nf4.kernels import gemm as kgemm
 from nf4.kernels import gemv as kgemv
 from nf4.kernels import mma as kmma
 
+sys.path.insert(0, os.path.dirname(__file__))
+from kernels import ROTATE_BYTES, bench, qargs  # noqa: E402
+
 SHAPES = {"70B_up": (28672, 8192), "70B_down": (8192, 28672), "8B_up": (14336, 4096), "8B_down": (4096, 14336),
           "8B_qo": (4096, 4096)}  # fmt: skip
 MS = (1, 2, 4)
@@ -67,33 +70,12 @@ def mma_variants(n: int, k: int) -> dict[str, kmma.MmaConfig]:
 
 MMA_MS = (1, 2, 4, 16)
 DEQUANT = [(512, 1), (1024, 1), (2048, 1), (2048, 2), (4096, 2), (4096, 4), (8192, 4)]  # (code bytes, warps)
-ROTATE_BYTES = 256 << 20
 ROWS: list[dict] = []
 
 
 def record(**kw: object) -> None:
     ROWS.append(kw)
     print(json.dumps(kw), flush=True)
-
-
-def graph_ms(calls: list) -> float:
-    """Median ms per call of a CUDA graph replaying ``calls`` in turn (at least 20 calls per replay)."""
-    reps = max(1, 20 // len(calls))
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            for c in calls:
-                c()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") / (reps * len(calls))
-
-
-def qargs(q: nf4.QuantizedTensor) -> tuple:
-    """The kernels' arguments for q, the offset as a device tensor: make them once, outside timed or graphed code."""
-    offset = torch.tensor(q.nested_offset, dtype=torch.float32, device=q.device)
-    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, offset, q.blocksize)
 
 
 def poison() -> None:
@@ -116,8 +98,8 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool, mm
     for m in sorted(set(MS) | (set(MMA_MS) if mma else set())):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ w0.T
-        t_bf = graph_ms([lambda w=w, x=x: x @ w.T for w in ws])
-        t_deq = graph_ms([lambda a=a, x=x: kgemm.gemm(x, *a, n, None) for a in qa[:2]])
+        t_bf = bench([lambda w=w, x=x: x @ w.T for w in ws], True)
+        t_deq = bench([lambda a=a, x=x: kgemm.gemm(x, *a, n, None) for a in qa[:2]], True)
         row = dict(what="gemv", shape=name, M=m, bf16_ms=round(t_bf, 4), deq_cublas_ms=round(t_deq, 4),
                    floor4_ms=round(floor4, 4), cfg={})  # fmt: skip
         if importlib.util.find_spec("bitsandbytes") is not None:
@@ -126,7 +108,7 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool, mm
 
             bqs = [bnbf.quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), quant_type="nf4",
                                       blocksize=64, compress_statistics=True) for _ in qs]  # fmt: skip
-            row["bnb_ms"] = round(graph_ms([lambda b=b, x=x: bnb.matmul_4bit(x, b[0].t(), b[1]) for b in bqs]), 4)
+            row["bnb_ms"] = round(bench([lambda b=b, x=x: bnb.matmul_4bit(x, b[0].t(), b[1]) for b in bqs], True), 4)
             del bqs
         todo = [(c, key, kgemv.gemv) for key, c in variants(n, k).items()] if m in MS else []
         if mma and m in MMA_MS:
@@ -140,7 +122,7 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool, mm
                 poison()
                 out = fn(x, *qa[0], n, None, cfg)
                 rel = ((out.double() - ref).norm() / ref.norm()).item()  # NaN if any element was left unwritten
-                t = graph_ms([lambda a=a, x=x, c=cfg, f=fn: f(x, *a, n, None, c) for a in qa])
+                t = bench([lambda a=a, x=x, c=cfg, f=fn: f(x, *a, n, None, c) for a in qa], True)
                 row["cfg"][key] = (round(t, 4), float(f"{rel:.1e}"))
             except Exception as e:  # noqa: BLE001 - a config that fails to compile is a data point
                 row["cfg"][key] = repr(e)[:120]
@@ -153,8 +135,8 @@ def sweep_shape(name: str, copy_gbps: float, baseline: object, dequant: bool, mm
         bufs = [torch.empty(n * k, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
         poison()
         exact = torch.equal(ops.dequantize(qs[0]), nf4.dequantize(qs[0]))
-        t = graph_ms([lambda a=a, b=b: kdequantize.dequantize(*a[:-1], 64, n * k, torch.bfloat16, out=b)
-                      for a, b in zip(qa[:2], bufs, strict=True)])  # fmt: skip
+        t = bench([lambda a=a, b=b: kdequantize.dequantize(*a[:-1], 64, n * k, torch.bfloat16, out=b)
+                   for a, b in zip(qa[:2], bufs, strict=True)], True)  # fmt: skip
         floor = 2.5 * n * k / copy_gbps / 1e6
         record(what="dequantize", shape=name, bpp=bpp, warps=warps, exact=exact, ms=round(t, 4),
                over_floor=round(t / floor, 3))  # fmt: skip
