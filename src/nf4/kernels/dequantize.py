@@ -30,7 +30,6 @@ SMALL_NUMEL = 1 << 25
 _SMALL = (4096, 4)
 _LARGE = (1024, 1)
 _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-_WORD_BYTES = {torch.bfloat16: 4, torch.float16: 4, torch.float32: 8}  # a byte's two values as one word
 
 
 # The 16 levels into shared memory: the kernel's one ``.shared`` array, declared where this is inlined (once:
@@ -47,14 +46,19 @@ def _levels(quant_map_ptr, THREADS: tl.constexpr):
     )  # fmt: skip
 
 
-# Code byte c (int32) of a block whose absmax is a -> its two values (element 2j = level[c >> 4] * a, element
-# 2j + 1 = level[c & 15] * a, each flushed and rounded once) as one word: bf16x2 / f16x2 (2j in the low half) or,
-# for fp32, a 64-bit word (2j in the low 32 bits).
+# The fp32 values of code byte c (int32) in a block whose absmax is a, from quant_map: element 2j (high nibble) and
+# 2j + 1 (low nibble), each level * absmax flushed.
+@triton.jit
+def _values(c, a, quant_map_ptr):
+    return flush(tl.load(quant_map_ptr + (c >> 4)) * a), flush(tl.load(quant_map_ptr + (c & 15)) * a)
+
+
+# Code byte c's two values (_values, each rounded once) as one word: bf16x2 / f16x2 (2j in the low half) or, for
+# fp32, a 64-bit word (2j in the low 32 bits).
 @triton.jit
 def _decode(c, a, quant_map_ptr, OUT_KIND: tl.constexpr, PAIR_CVT: tl.constexpr, INTERPRETED: tl.constexpr):
     if INTERPRETED:
-        hi = flush(tl.load(quant_map_ptr + (c >> 4)) * a)
-        lo = flush(tl.load(quant_map_ptr + (c & 15)) * a)
+        hi, lo = _values(c, a, quant_map_ptr)
         if OUT_KIND == 2:
             return (hi.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | (
                 lo.to(tl.int32, bitcast=True).to(tl.int64) << 32
@@ -130,8 +134,7 @@ def _dequantize_kernel(
         DOUBLE_QUANT, INTERPRETED,
     )[:, None]  # fmt: skip
     if PARTIAL:  # one program: elements past n masked one by one
-        hi = flush(tl.load(quant_map_ptr + (code >> 4)) * absmax)
-        lo = flush(tl.load(quant_map_ptr + (code & 15)) * absmax)
+        hi, lo = _values(code, absmax, quant_map_ptr)
         vals = tl.reshape(tl.join(hi, lo), (NB, BLOCKSIZE))  # [NB, HB, 2] -> [NB, BS]: byte j -> 2j, 2j + 1
         elem = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         tl.store(out_ptr + elem, round_to(vals, out_ptr.dtype.element_ty, INTERPRETED), mask=elem < n)
@@ -156,7 +159,7 @@ def dequantize(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flat ``[numel]`` tensor of ``dtype`` (written into ``out`` when given, e.g. a reused buffer)."""
-    if out is not None and out.data_ptr() % _WORD_BYTES[dtype]:  # a view whose words straddle: decode, then copy
+    if out is not None and out.data_ptr() % (2 * dtype.itemsize):  # its words (a byte's 2 values) straddle: copy
         return out.copy_(dequantize(data, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
                                     blocksize, numel, dtype))  # fmt: skip
     if out is None:
