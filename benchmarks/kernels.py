@@ -164,7 +164,7 @@ def bench_shape(name: str, copy_gbps: float) -> None:
     same = codes_equal and offset_ulps <= 2 and (offset_ulps > 0 or scales_equal)
     floor = 2.5 * n * k / copy_gbps / 1e6
     t_q = bench(lambda: ops.quantize(w))
-    t_q_kernels = bench(lambda: kquantize.double_quantize(kquantize.quantize_4bit(w, "nf4", 64)[1]), graph=True)
+    t_q_kernels = bench(lambda: kquantize.quantize(w, "nf4", 64, double_quant=True), graph=True)
     t_bq = bench(lambda: bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True))
     record(
         what="quantize",

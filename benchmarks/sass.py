@@ -81,24 +81,22 @@ def _dequantize(out: str, double_quant: bool, partial: bool, large: bool = True,
     return dequantize._dequantize_kernel, ptrs, consts, warps, 3
 
 
-def _quantize(x: str, fp4: bool) -> tuple:
-    ptrs = dict(x_ptr=x, tables_ptr="*i32" if fp4 else "*i64", rcp_delta_ptr="*i32", data_ptr="*u8", absmax_ptr=_FP32)
+def _quantize(x: str, fp4: bool, words: bool = False) -> tuple:
+    """words: bf16 loaded as pair words (x 4-byte aligned)."""
+    ptrs = dict(x_ptr=x, tables_ptr="*i32" if fp4 else "*i64", rcp_delta_ptr="*i32", data_ptr="*u8", absmax_ptr=_FP32,
+                sums_ptr="*fp64")  # fmt: skip
     nb = quantize._ELEMENTS_PER_PROGRAM // 64
-    consts = dict(BLOCKSIZE=64, NB=nb, NTHRESHOLDS=7, SIGN_MAGNITUDE=fp4, BUCKETS=quantize._BUCKETS, PARTIAL=False)
+    consts = dict(BLOCKSIZE=64, NB=nb, NTHRESHOLDS=7, SIGN_MAGNITUDE=fp4, BUCKETS=quantize._BUCKETS, PARTIAL=False,
+                  BF16_WORDS=words, SUMS=True, G=quantize._SUM_SLOTS, THREADS=32 * quantize._NUM_WARPS)  # fmt: skip
     return quantize._quantize_kernel, ptrs, consts, quantize._NUM_WARPS, 3
 
 
 def _double_quantize() -> tuple:
-    ptrs = dict(absmax_ptr=_FP32, sums_ptr="*fp64", table_ptr="*i64", rcp_delta_ptr="*i32", codes_ptr="*u8",
-                nested_absmax_ptr=_FP32, offset_ptr=_FP32)  # fmt: skip
-    consts = dict(G=quantize._SUM_PROGRAMS, NBN=quantize._NESTED_PER_PROGRAM, KEY_MIN=quantize._DQ_KEY_MIN,
+    ptrs = dict(absmax_ptr=_FP32, sums_ptr="*fp64", counter_ptr="*i32", table_ptr="*i64", rcp_delta_ptr="*i32",
+                codes_ptr="*u8", nested_absmax_ptr=_FP32, offset_ptr=_FP32)  # fmt: skip
+    consts = dict(G=quantize._SUM_SLOTS, NBN=quantize._NESTED_PER_PROGRAM, KEY_MIN=quantize._DQ_KEY_MIN,
                   SIDE=quantize._DQ_SIDE)  # fmt: skip
     return quantize._double_quantize_kernel, ptrs, consts, 4, 3
-
-
-def _absmax_sums() -> tuple:
-    ptrs = dict(absmax_ptr=_FP32, sums_ptr="*fp64")
-    return quantize._absmax_sums_kernel, ptrs, dict(BLOCK=quantize._SUM_BLOCK), 4, 3
 
 
 def _split_k_sum() -> tuple:
@@ -129,9 +127,10 @@ BUILDS = {
     "dequantize-fp16-plain-pre-ampere": _dequantize("*fp16", False, False, pair_cvt=False),
     "dequantize-fp32-plain": _dequantize(_FP32, False, False),
     "dequantize-fp32-plain-partial": _dequantize(_FP32, False, True),
+    "quantize-nf4-bf16-words": _quantize("*bf16", False, words=True),
     "quantize-nf4-bf16": _quantize("*bf16", False),
+    "quantize-nf4-fp16": _quantize("*fp16", False),
     "quantize-fp4-fp32": _quantize(_FP32, True),
-    "absmax-sums": _absmax_sums(),
     "double-quantize": _double_quantize(),
     "split-k-sum": _split_k_sum(),
 }

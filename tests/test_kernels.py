@@ -78,8 +78,10 @@ def _ulps_around(values: torch.Tensor, k: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("quant_type", ["nf4", "int4"])
 def test_quantize_lookup_is_exact_at_thresholds_and_bucket_edges(quant_type: str) -> None:
     # the encoder's bucket lookup against format's count of thresholds, where it could go wrong: within 3 ulps of
-    # every threshold and of every bucket edge, at +-1, 0 and NaN; each block holds 1.0 so its absmax is 1
+    # every threshold and of every bucket edge (where y * BUCKETS rounded to eighths crosses an integer: 2**-8
+    # below the edge), at +-1, 0 and NaN; each block holds 1.0 so its absmax is 1
     edges = torch.arange(2 * kquantize._BUCKETS + 1, dtype=torch.float32) / kquantize._BUCKETS - 1
+    edges = torch.cat([edges, edges - 2.0**-8])
     probe = _ulps_around(torch.cat([format._thresholds(quant_type, torch.device("cpu")), edges]))
     probe = torch.cat([probe, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])])
     rest = torch.zeros(-(-probe.numel() // 63) * 63)
@@ -123,19 +125,42 @@ def test_encode_8bit_lookup_is_exact_at_its_steps_and_bucket_edges() -> None:
     assert torch.equal(out, format._encode_8bit(y, dyn).to(torch.int32))
 
 
-@pytest.mark.parametrize("programs", [1, 4, 256])
+@pytest.mark.parametrize("slots", [1, 4, 256])
 def test_double_quantize_offset_is_the_same_for_any_split_of_the_sum(
-    programs: int, monkeypatch: pytest.MonkeyPatch
+    slots: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # the float64 partial sums, added in another order, give format's offset bit for bit (their sum is exact)
-    monkeypatch.setattr(kquantize, "_SUM_PROGRAMS", programs)
-    monkeypatch.setattr(kquantize, "_SUM_BLOCK", 64)
-    absmax = torch.rand(64 * 37 + 5) * torch.logspace(-3, 2, 64 * 37 + 5)
-    codes, nested_absmax, offset = kquantize.double_quantize(absmax)
-    q = format.QuantizedTensor(absmax, absmax, absmax, "nf4", 64, torch.Size([1]), torch.float32)
-    ref = format.double_quantize(q)
-    assert offset.item() == ref.nested_offset
-    assert torch.equal(codes, ref.absmax) and torch.equal(nested_absmax, ref.nested_absmax)
+    # the 4-bit pass's programs add their float64 sums of absmax into `slots` sums in another order than format's
+    # sum, and give its offset bit for bit (the sum is exact); the double-quant kernel leaves them zeroed for the
+    # next call, which gives the same bytes
+    monkeypatch.setattr(kquantize, "_SUM_SLOTS", slots)
+    monkeypatch.setattr(kquantize, "_SCRATCH", {})
+    x = torch.randn(64 * 37 * 33 + 5) * torch.logspace(-3, 2, 64 * 37 * 33 + 5)
+    ref = format.quantize(x, "nf4", 64, double_quant=True)
+    for _ in range(2):
+        data, codes, nested_absmax, offset = kquantize.quantize(x, "nf4", 64, double_quant=True)
+        assert offset.item() == ref.nested_offset
+        assert torch.equal(data, ref.data) and torch.equal(codes, ref.absmax)
+        assert torch.equal(nested_absmax, ref.nested_absmax)
+    sums, counter = kquantize._scratch(x.device)
+    assert not sums.any() and not counter.any()
+
+
+def test_double_quantize_zeroes_its_sums_when_its_launch_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kquantize, "_SCRATCH", {})
+    x = torch.randn(64 * 40)
+
+    wrap = kquantize.wrap_triton
+
+    def failing(kernel: object) -> object:  # the pass adds into the sums; the kernel that zeroes them fails
+        if kernel is kquantize._double_quantize_kernel:
+            raise RuntimeError("launch failed")
+        return wrap(kernel)
+
+    monkeypatch.setattr(kquantize, "wrap_triton", failing)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        kquantize.quantize(x, "nf4", 64, double_quant=True)
+    sums, counter = kquantize._scratch(x.device)
+    assert not sums.any() and not counter.any()
 
 
 def test_quantize_nan_gives_nan_absmax() -> None:

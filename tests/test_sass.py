@@ -45,7 +45,8 @@ BUILDS = {
     "gemv-tc-fp16-m4-split8-plain-bias-sum", "mma-bf16-m16-rows128-dq", "mma-fp16-m64-rows64-plain",
     "dequantize-bf16-dq", "dequantize-fp16-dq-small", "dequantize-fp32-plain", "dequantize-fp32-plain-partial",
     "dequantize-bf16-dq-pre-ampere", "dequantize-fp16-plain-pre-ampere",
-    "quantize-nf4-bf16", "quantize-fp4-fp32", "absmax-sums", "double-quantize", "split-k-sum",
+    "quantize-nf4-bf16-words", "quantize-nf4-bf16", "quantize-nf4-fp16", "quantize-fp4-fp32", "double-quantize",
+    "split-k-sum",
 }  # fmt: skip
 
 
@@ -80,13 +81,17 @@ def test_every_kernel_compiles_for_hopper() -> None:
 
 
 # ops sends rows to the table kernels (gemv_tc, gemv_tcm) only on Ampere or newer (common.ampere_or_newer): their
-# mma.sync.m16n8k16 and cp.async need sm_80; so does dequantize's conversion of a pair (cvt.rn.bf16x2.f32), which
-# older GPUs replace by the builds named pre-ampere. Every other build must compile for a T4 (sm_75), and all of
+# mma.sync.m16n8k16 and cp.async need sm_80; so do dequantize's conversion of a pair (cvt.rn.bf16x2.f32), which
+# older GPUs replace by the builds named pre-ampere, and quantize's max.NaN on bf16 pair words (-words), which they
+# load as elements. Every other build must compile for a T4 (sm_75), and all of
 # them for an A100 (sm_80). (sm_70, a V100, compiled under Triton 3.6's tools; 3.9's cuobjdump no longer reads its
 # cubins.)
 def _on(arch: int, name: str) -> bool:
-    ampere_only = name.startswith("gemv-tc") or (name.startswith("dequantize") and "partial" not in name
-                                                  and "fp32" not in name and "pre-ampere" not in name)  # fmt: skip
+    ampere_only = (
+        name.startswith("gemv-tc")
+        or name.endswith("-words")
+        or (name.startswith("dequantize") and "partial" not in name and "fp32" not in name and "pre-ampere" not in name)
+    )
     return arch >= 80 or not ampere_only
 
 

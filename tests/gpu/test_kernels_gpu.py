@@ -62,6 +62,45 @@ def test_dequantize_bits_equal_reference(shape: tuple, quant_type: str) -> None:
                 assert torch.equal(out.view(bits), ref)
 
 
+def test_double_quant_sums_in_graph_replays_and_on_two_streams() -> None:
+    """The 4-bit pass adds the absmax sums into buffers of the stream it runs on, which the double-quant kernel
+    zeroes: replays of a captured quantize, and quantizes running on two streams at once, each give the exact
+    offset of their own weight."""
+    from nf4.kernels import quantize as kquantize
+
+    w = torch.empty(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        w.normal_()
+        kquantize.quantize(w, "nf4", 64, double_quant=True)  # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            data, codes, nested_absmax, offset = kquantize.quantize(w, "nf4", 64, double_quant=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    for scale in (1.0, 30.0, 0.01):
+        w.copy_(torch.randn_like(w) * scale)
+        graph.replay()
+        ref = nf4.quantize(w)
+        assert torch.equal(data.view(-1), ref.data.view(-1)) and torch.equal(codes, ref.absmax)
+        assert torch.equal(nested_absmax, ref.nested_absmax) and offset.item() == ref.nested_offset
+    ws = [torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16) * s for s in (1.0, 7.0)]
+    streams = [torch.cuda.Stream() for _ in ws]
+    outs = []
+    for _ in range(3):
+        for s in streams:
+            s.wait_stream(torch.cuda.current_stream())
+        for wi, s in zip(ws, streams, strict=True):
+            with torch.cuda.stream(s):  # no host sync between the launches (ops.quantize reads the offset)
+                outs.append(kquantize.quantize(wi, "nf4", 64, double_quant=True))
+        for s in streams:
+            torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    refs = [nf4.quantize(wi) for wi in ws]
+    for i, (_, codes, _, offset) in enumerate(outs):
+        assert torch.equal(codes, refs[i % 2].absmax) and offset.item() == refs[i % 2].nested_offset
+
+
 def test_quantize_equals_bitsandbytes_cuda() -> None:
     bnbf = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
@@ -77,11 +116,13 @@ def test_quantize_equals_bitsandbytes_cuda() -> None:
 @pytest.mark.parametrize("quant_type", ["nf4", "int4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_quantize_is_exact_at_thresholds_and_bucket_edges(quant_type: str, dtype: torch.dtype) -> None:
-    # values within 3 ulps of every threshold and of the encoder's bucket edges, in blocks whose absmax is +-1
-    # (so y = x, and y = -1 exactly), an all-zero block, subnormals, at storage offsets 0-2 and odd lengths (a
-    # partial last block), against the torch reference on the GPU
+    # values within 3 ulps of every threshold and of the encoder's bucket edges (and 2**-8 below them, where the
+    # rounding to eighths crosses), in blocks whose absmax is +-1 (so y = x, and y = -1 exactly), an all-zero
+    # block, subnormals, at storage offsets 0-2 and odd lengths (a partial last block), against the torch reference
+    # on the GPU
     cpu = torch.device("cpu")
-    points = [torch.arange(33, dtype=torch.float32) / 16 - 1, torch.tensor([0.5, 0.0, 1e-30, 1e-39])]
+    edges = torch.arange(33, dtype=torch.float32) / 16 - 1
+    points = [edges, edges - 2.0**-8, torch.tensor([0.5, 0.0, 1e-30, 1e-39])]
     if quant_type != "fp4":
         points.append(nf4.format._thresholds(quant_type, cpu))
     probe, up, down = [torch.cat(points)], torch.cat(points), torch.cat(points)

@@ -1,17 +1,15 @@
 """Quantize: fp32/fp16/bf16 -> packed 4-bit codes + absmax, then the optional 8-bit double quantization.
 
-Three launches: the 4-bit pass (reads 2 bytes, writes 0.5 byte per bf16 param: the floor), float64 partial sums
-of absmax, then the nested pass over absmax (1/blocksize of the elements), whose programs each finish the mean.
-Every rounding step mirrors ``nf4.format``, so the bytes are equal.
+Two launches: the 4-bit pass (reads 2 bytes, writes 0.5 byte per bf16 param: the floor), whose programs also add
+their absmax into float64 sums, then the nested pass over absmax (1/blocksize of the elements), whose programs
+each finish the mean. Every rounding step mirrors ``nf4.format``, so the bytes are equal.
 
-What the H200 runs taught (docs/BENCHMARKS_GPU.md, "Eleventh session"): the first version of the 4-bit pass was
-bound by instructions (272 a thread for 8 elements: 0.289 ms on 28672x8192, 2.1x its floor). Multiplying by the
-reciprocal with flush-to-zero (no flush test), one 64-bit table entry a lookup, per-block masks (vector code
-stores) and 32 elements a thread took it to 20 instructions an element and 0.178-0.187 ms; cutting a further 25% of
-its instructions then changed nothing, nor did a persistent, prefetching loop (slower): what is left is the
-memory side. torch's float64 mean of absmax and the double-quant kernel took 0.048 ms; the partial sums (0.005) and
-the kernel with 4 nested blocks a program (each adding the 256 sums), 0.026; with the 8-bit encoder by lookup
-instead of its binary search, 0.015 (the whole: 0.207 -> 0.196 ms, 1.42x the floor).
+What the H200 runs taught (docs/BENCHMARKS_GPU.md, "Eleventh session"; docs/BENCHMARKS.md, "Twenty-fourth
+session"): the 4-bit pass is bound by instructions as much as by memory. 272 a thread for 8 elements at first
+(28672x8192 2.1x its floor); 20 an element after multiplying by the reciprocal with flush-to-zero, one 64-bit table
+entry a lookup and vector code stores (1.28-1.49x the pass's floor); ~14 an element now, with the encode, pack and
+store in inline PTX against a table in shared memory and the bucket found by one fma and an and (1.09-1.31x). A
+separate kernel summing absmax cost 0.04-0.2x the floor, mostly its launch; the pass's float64 sums cost less.
 """
 
 from __future__ import annotations
@@ -24,17 +22,16 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from nf4 import codebook, format
-from nf4.kernels.common import flush, interpreted, reciprocal_approx
+from nf4.kernels.common import ampere_or_newer, flush, interpreted, reciprocal_approx
 
-# 32 elements a thread (2 warps). H200, 28672x8192 bf16, the 4-bit pass + double quant at elements a program /
-# warps: 2048 / 2 0.2085 and 0.2101 ms (two runs), 4096 / 4 0.2123 and 0.2140, 4096 / 2 0.2079, 8192 / 4 0.2088,
-# 8192 / 8 0.2132, 2048 / 8 (8 elements a thread) 0.2833 (docs/BENCHMARKS_GPU.md, "Eleventh session").
+# 32 elements a thread (2 warps: the table's 64 entries are stored one a thread). H200, the 4-bit pass x its floor
+# at elements a program / warps (docs/BENCHMARKS.md, "Twenty-fourth session"): 4096x4096 1024 / 2 1.35, 2048 / 2
+# 1.31, 4096 / 2 1.31, 4096 / 4 1.31, 8192 / 4 1.33; 28672x8192 1.16, 1.11, 1.09, 1.11, 1.08.
 _ELEMENTS_PER_PROGRAM = 2048
 _NUM_WARPS = 2
-# The mean's first step: _SUM_PROGRAMS float64 partial sums, each over a chunk of absmax read _SUM_BLOCK values at
-# a time; the double-quant kernel: _NESTED_PER_PROGRAM nested blocks (of 256) a program.
-_SUM_PROGRAMS = 256
-_SUM_BLOCK = 1024
+# The mean of absmax: the 4-bit pass's programs add into _SUM_SLOTS float64 sums (program i into slot i mod
+# _SUM_SLOTS), which every double-quant program adds up; _NESTED_PER_PROGRAM nested blocks (of 256) a program.
+_SUM_SLOTS = 256
 _NESTED_PER_PROGRAM = 4
 
 
@@ -45,11 +42,16 @@ _NESTED_PER_PROGRAM = 4
 #   code = below[b] + (y > first[b])
 # where below[b] counts the thresholds under bucket b's window and first[b] is the (at most one) threshold
 # inside it (+inf if none), one 64-bit table entry (below in the low word, first's fp32 bits in the high word).
-# The window is the bucket widened by 2**-20 on each side, far more than the fp32 rounding of the bucket
-# arithmetic can move y across an edge, so the count is exact for every y (tables: _tables). The bucket is
-# round(v), v = max(y * BUCKETS + BUCKETS - 0.5, -0.5) (NaN to -0.5; y = 1 gives 2*BUCKETS, an entry that
-# repeats the last bucket's), read off the bits of v + 1.5 * 2**23: no float->int conversion, which issues at a
-# quarter of the FMA rate. fp4 counts its 7 magnitude thresholds.
+# The bucket costs one fma and one and: v = y * BUCKETS + (BUCKETS + 1.5 * 2**20) lies in [2**20, 2**21), where
+# fp32 steps by 1/8, so v's low bits hold y * BUCKETS + BUCKETS rounded to eighths and bits & (63 << 3) is
+# 8 * (its floor mod 64), the entry's byte offset. Rounding to eighths moves y by at most 2**-8, so a bucket's
+# window is widened by 2**-8 (and a margin) on each side; y = 1 lands on entry 32, a copy of the last bucket's,
+# as do the entries up to 62; y a hair under -1 on entry 63, a copy of bucket 0's; NaN on entry 0 (its bits'
+# low part is 0), whose code is 0 in both tables. No float->int conversion (a quarter of the FMA rate), no clamp.
+# fp4 counts its 7 magnitude thresholds.
+_MAGIC: tl.constexpr = tl.constexpr(1.5 * 2**20)
+
+
 # The code of y from its bucket's 64-bit table entry (both encoders' tables, made by _pack_entries): below in the
 # low word, first's fp32 bits in the high word; code = below + (y > first).
 @triton.jit
@@ -67,10 +69,10 @@ def _encode(y, tables_ptr, NTHRESHOLDS: tl.constexpr, SIGN_MAGNITUDE: tl.constex
             rank += (v > tl.load(tables_ptr + i).to(tl.float32, bitcast=True)).to(tl.int32)
         code = tl.load(tables_ptr + NTHRESHOLDS + rank) | ((y < 0).to(tl.int32) << 3)
     else:
-        NE: tl.constexpr = 4 * BUCKETS  # entries: the 2*BUCKETS buckets, then copies of the last
-        v = tl.maximum(y * BUCKETS + (BUCKETS - 0.5), -0.5)  # max(NaN, -0.5) = -0.5
-        b = (v + 12582912.0).to(tl.int32, bitcast=True) & (NE - 1)  # round(v): floor(y * B + B), or one below
-        entries = tl.load(tables_ptr + tl.arange(0, NE))  # int64; one off at an exact edge
+        NE: tl.constexpr = 4 * BUCKETS  # entries: the 2*BUCKETS buckets, copies of the last, bucket 0's
+        v = y * BUCKETS + (BUCKETS + _MAGIC)  # y * BUCKETS is exact: one rounding, as the fma
+        b = (v.to(tl.int32, bitcast=True) & (8 * NE - 8)) >> 3
+        entries = tl.load(tables_ptr + tl.arange(0, NE))  # int64
         code = _entry_code(y, tl.reshape(tl.gather(entries, tl.reshape(b, (y.numel,)), 0), y.shape))
     return code
 
@@ -91,12 +93,81 @@ def _mul_ftz(x, r, INTERPRETED: tl.constexpr):
                                          is_pure=True, pack=1)  # fmt: skip
 
 
-# A program quantizes NB whole blocks, loaded as [NB, BS] (16-byte loads along a block), then split into pairs
-# (2j, 2j+1) for the high and low nibble of byte j:
+# The nf4/int4 bucket table (_tables) into shared memory: the kernel's one ``.shared`` array, declared where this
+# is inlined (once: one entry a thread, THREADS >= 64), then a barrier before any lookup.
+@triton.jit
+def _code_table(tables_ptr, THREADS: tl.constexpr):
+    tl.static_assert(THREADS >= 64)
+    i = tl.arange(0, THREADS)
+    tl.inline_asm_elementwise(
+        ".shared .align 16 .b64 nf4_codes[64];"
+        " { .reg .pred p; .reg .u32 a; setp.lt.u32 p, $1, 64; mov.u32 a, nf4_codes; mad.lo.u32 a, $1, 8, a;"
+        " @p st.shared.b64 [a], $2; bar.sync 0; mov.b32 $0, 0; }",
+        "=r,r,l", [i, tl.load(tables_ptr + (i & 63))], dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+# Four consecutive columns of t [NB, 4 * W], as four tensors [NB, W] (columns 4w + 0 ... 4w + 3).
+@triton.jit
+def _split4(t, NB: tl.constexpr, W: tl.constexpr):
+    even, odd = tl.split(tl.reshape(t, (NB, W, 2, 2)))
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t1, t2, t3
+
+
+def _encode8_ptx() -> str:
+    """Inline PTX of _encode (nf4/int4) on eight scaled values $1-$8 (elements 8w ... 8w + 7), packed into their
+    four code bytes, stored as word $10 from address $9 where $11 is not 0 ($0: a dummy): per value one fma, an and, an
+    add, one 64-bit load from nf4_codes, a compare and a subtraction; a multiply-add a value packs. Storing here
+    keeps the word in the thread that made it (Triton's store regathers 4 a thread through shared memory)."""
+    magic = 0x49C00080  # fp32 bits of 1.5 * 2**20 + _BUCKETS
+    body = "{ .reg .b32 t, a<8>, c<8>, f<8>; .reg .pred p; mov.u32 t, nf4_codes;"
+    for i in range(8):  # y > first as the sign bit of first - y (no predicate a value: ptxas spilled them)
+        body += (f" fma.rn.f32 a{i}, ${i + 1}, 0f41800000, 0f{magic:08X}; and.b32 a{i}, a{i}, 504;"
+                 f" add.u32 a{i}, a{i}, t; ld.shared.v2.u32 {{c{i}, f{i}}}, [a{i}];"
+                 f" sub.rn.f32 f{i}, f{i}, ${i + 1}; shr.u32 f{i}, f{i}, 31; add.u32 c{i}, c{i}, f{i};")  # fmt: skip
+    for hi, lo, shift in ((0, 1, 0), (2, 3, 8), (4, 5, 16), (6, 7, 24)):  # byte j: element 2j high, 2j + 1 low
+        body += f" mad.lo.u32 c{lo}, c{hi}, 16, c{lo};"
+        if shift:
+            body += f" mad.lo.u32 c1, c{lo}, {1 << shift}, c1;"
+    return body + (
+        " setp.ne.s32 p, $11, 0; { .reg .b64 w; mad.wide.u32 w, $10, 4, $9; @p st.global.b32 [w], c1; }"
+        " mov.b32 $0, 0; }"
+    )
+
+
+_ENCODE8: tl.constexpr = tl.constexpr(_encode8_ptx())
+
+
+# A word of two bf16 (element 2j in the low half) as two fp32, and the larger magnitude of the two (NaN if either
+# is). In inline PTX on the GPU (max.NaN: sm_80): through Triton's bit ops LLVM turns |x| into an and on the bits,
+# an instruction a value more than the max's |x| operands.
+@triton.jit
+def _unpack_bf16(w, INTERPRETED: tl.constexpr):
+    if INTERPRETED:
+        even, odd = (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+        return even, odd, _max_keeping_nan(tl.abs(even), tl.abs(odd))
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 a, b; shl.b32 $0, $3, 16; and.b32 $1, $3, 0xFFFF0000; abs.f32 a, $0; abs.f32 b, $1;"
+            " max.NaN.f32 $2, a, b; }",
+            "=f,=f,=f,r", [w], dtype=(tl.float32, tl.float32, tl.float32), is_pure=True, pack=1,
+        )  # fmt: skip
+
+
+# A program quantizes NB whole blocks, each as its element pairs (2j, 2j + 1) -> byte j (high, low nibble):
 #   absmax_b = flush(max |x| over block b) (NaN if any x is; flushing x first would not change it)
 #   y = mul_ftz(x, rcp(absmax_b))
-# Masks are per block, so loads and stores stay 16 / 4 bytes wide; a partial last block is a second launch
-# (PARTIAL) masked per element.
+# bf16 on a 4-byte boundary is loaded as pair words and unpacked by a shift and an and (Triton's conversion took a
+# byte permute more for the odd element); other inputs load as [NB, BS] and split in registers. Four bytes leave
+# as one word; compiled, nf4/int4 encode, pack and store in inline PTX (_encode8_ptx) against the table in shared
+# memory: Triton 3.6 SASS, 472 instructions a thread of 32 elements against 640 through Triton's gather, byte
+# packing and store (which regathered the words through shared memory). With SUMS the
+# program adds its blocks' absmax, in float64, into sums[pid % G] (no ordering: the sum is exact, see
+# format.mean_offset), which the double-quant kernel reads and zeroes: no pass over absmax of its own. Masks are
+# per block, so loads and stores stay 16 / 4 bytes wide; a partial last block is a second launch (PARTIAL)
+# masked per element, with byte stores.
 @triton.jit
 def _quantize_kernel(
     x_ptr,
@@ -104,6 +175,7 @@ def _quantize_kernel(
     rcp_delta_ptr,
     data_ptr,
     absmax_ptr,
+    sums_ptr,
     n,
     first_block,
     nblocks,
@@ -113,25 +185,53 @@ def _quantize_kernel(
     SIGN_MAGNITUDE: tl.constexpr,
     BUCKETS: tl.constexpr,
     PARTIAL: tl.constexpr,
+    BF16_WORDS: tl.constexpr,
+    SUMS: tl.constexpr,
+    G: tl.constexpr,
+    THREADS: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     HB: tl.constexpr = BLOCKSIZE // 2
     blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB) + first_block  # [NB]
-    elem = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # [NB, BS]
     pair = blk[:, None] * HB + tl.arange(0, HB)[None, :]  # [NB, HB] = byte index
-    if PARTIAL:
-        elem_mask = elem < n
-        pair_mask = pair < (n + 1) // 2
+    if BF16_WORDS:
+        w = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + pair, mask=(blk < nblocks)[:, None], other=0)
+        even, odd, pair_max = _unpack_bf16(w, INTERPRETED)
     else:
-        elem_mask = (blk < nblocks)[:, None]
-        pair_mask = (blk < nblocks)[:, None]
-    x = tl.load(x_ptr + elem, mask=elem_mask, other=0.0).to(tl.float32)
-    absmax = flush(tl.reduce(tl.abs(x), 1, _max_keeping_nan))  # [NB]
-    y = _mul_ftz(x, reciprocal_approx(absmax, rcp_delta_ptr, INTERPRETED)[:, None], INTERPRETED)
-    code = _encode(y, tables_ptr, NTHRESHOLDS, SIGN_MAGNITUDE, BUCKETS)
-    high, low = tl.split(tl.reshape(code, (NB, HB, 2)))
-    tl.store(data_ptr + pair, ((high << 4) | low).to(tl.uint8), mask=pair_mask)
+        elem = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # [NB, BS]
+        elem_mask = elem < n if PARTIAL else (blk < nblocks)[:, None]
+        x = tl.load(x_ptr + elem, mask=elem_mask, other=0.0).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x, (NB, HB, 2)))
+        pair_max = _max_keeping_nan(tl.abs(even), tl.abs(odd))
+    asm: tl.constexpr = not (INTERPRETED or SIGN_MAGNITUDE or PARTIAL)
+    if asm:  # after x's load is issued: the table's load and barrier overlap it
+        _code_table(tables_ptr, THREADS)
+    absmax = flush(tl.reduce(pair_max, 1, _max_keeping_nan))  # [NB]
+    r = reciprocal_approx(absmax, rcp_delta_ptr, INTERPRETED)[:, None]
+    y_even, y_odd = _mul_ftz(even, r, INTERPRETED), _mul_ftz(odd, r, INTERPRETED)
+    if PARTIAL:
+        code = _encode(y_even, tables_ptr, NTHRESHOLDS, SIGN_MAGNITUDE, BUCKETS) << 4
+        code |= _encode(y_odd, tables_ptr, NTHRESHOLDS, SIGN_MAGNITUDE, BUCKETS)
+        tl.store(data_ptr + pair, code.to(tl.uint8), mask=pair < (n + 1) // 2)
+    else:
+        W: tl.constexpr = BLOCKSIZE // 8
+        first = data_ptr.to(tl.pointer_type(tl.int32)) + (tl.program_id(0).to(tl.int64) * NB + first_block) * W
+        local = tl.arange(0, NB)[:, None] * W + tl.arange(0, W)[None, :]  # [NB, W]: word index from first
+        in_range = (blk < nblocks)[:, None] & (tl.arange(0, W) < W)[None, :]  # [NB, W], as the words
+        if asm:
+            e0, e2, e4, e6 = _split4(y_even, NB, W)
+            e1, e3, e5, e7 = _split4(y_odd, NB, W)
+            tl.inline_asm_elementwise(_ENCODE8, "=r,r,r,r,r,r,r,r,r,l,r,r",
+                                      [e0, e1, e2, e3, e4, e5, e6, e7, first.to(tl.int64, bitcast=True), local,
+                                       in_range.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+        else:
+            words = first + local
+            code = _encode(y_even, tables_ptr, NTHRESHOLDS, SIGN_MAGNITUDE, BUCKETS) << 4
+            b0, b1, b2, b3 = _split4(code | _encode(y_odd, tables_ptr, NTHRESHOLDS, SIGN_MAGNITUDE, BUCKETS), NB, W)
+            tl.store(words, b0 | b1 << 8 | b2 << 16 | b3 << 24, mask=in_range)
     tl.store(absmax_ptr + blk, absmax, mask=blk < nblocks)
+    if SUMS:
+        tl.atomic_add(sums_ptr + tl.program_id(0) % G, tl.sum(absmax.to(tl.float64)), sem="relaxed")
 
 
 # bitsandbytes' 8-bit encoder (format._encode_8bit: a binary search over the 256-entry map, then a midpoint test)
@@ -151,46 +251,40 @@ def _encode_8bit(y, table_ptr, KEY_MIN: tl.constexpr, SIDE: tl.constexpr):
     return _entry_code(y, tl.load(table_ptr + b))
 
 
-# The mean of absmax in two steps, each in a fixed order (so the offset is the same every run): program g adds
-# its contiguous chunk of absmax (a multiple of BLOCK) in float64 to sums[g]; each double-quant program then adds
-# the G sums itself.
-@triton.jit
-def _absmax_sums_kernel(absmax_ptr, sums_ptr, nblocks, chunk, BLOCK: tl.constexpr):
-    start = tl.program_id(0).to(tl.int64) * chunk
-    total = tl.zeros((BLOCK,), tl.float64)
-    for j in range(0, chunk, BLOCK):
-        i = start + j + tl.arange(0, BLOCK)
-        total += tl.load(absmax_ptr + i, mask=i < nblocks, other=0.0).to(tl.float64)
-    tl.store(sums_ptr + tl.program_id(0), tl.sum(total))
-
-
 # A program takes NBN nested blocks of 256 absmax values (each program adds the G sums: more blocks a program
 # amortize that):
 #   offset = fp32(sum(sums) / nblocks) (stored by program 0)
 #   c = flush(absmax - offset) (0 past the end);  nested_absmax = max |c| over the block
 #   code = encode_8bit(flush(c * rcp(nested_absmax)))
+# Each program takes a ticket once it has read the sums; the last one zeroes them and the counter for the next call.
 @triton.jit
 def _double_quantize_kernel(
-    absmax_ptr, sums_ptr, table_ptr, rcp_delta_ptr, codes_ptr, nested_absmax_ptr, offset_ptr, nblocks,
+    absmax_ptr, sums_ptr, counter_ptr, table_ptr, rcp_delta_ptr, codes_ptr, nested_absmax_ptr, offset_ptr, nblocks,
     G: tl.constexpr, NBN: tl.constexpr, KEY_MIN: tl.constexpr, SIDE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
-    offset = (tl.sum(tl.load(sums_ptr + tl.arange(0, G))) / nblocks).to(tl.float32)
-    if tl.program_id(0) == 0:
-        tl.store(offset_ptr, offset)
     nested = tl.program_id(0).to(tl.int64) * NBN + tl.arange(0, NBN)  # [NBN]
     i = nested[:, None] * 256 + tl.arange(0, 256)[None, :]  # [NBN, 256]
     mask = i < nblocks
-    centered = flush(tl.where(mask, tl.load(absmax_ptr + i, mask=mask, other=0.0) - offset, 0.0))
+    absmax = tl.load(absmax_ptr + i, mask=mask, other=0.0)  # issued before the sums' load
+    offset = (tl.sum(tl.load(sums_ptr + tl.arange(0, G))) / nblocks).to(tl.float32)
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if tl.program_id(0) == 0:
+        tl.store(offset_ptr, offset)
+    centered = flush(tl.where(mask, absmax - offset, 0.0))
     nested_absmax = tl.max(tl.abs(centered), axis=1)
     y = flush(centered * reciprocal_approx(nested_absmax, rcp_delta_ptr, INTERPRETED)[:, None])
     tl.store(codes_ptr + i, _encode_8bit(y, table_ptr, KEY_MIN, SIDE).to(tl.uint8), mask=mask)
     tl.store(nested_absmax_ptr + nested, nested_absmax, mask=nested * 256 < nblocks)
+    if ticket == tl.num_programs(0) - 1:
+        tl.store(sums_ptr + tl.arange(0, G), tl.zeros((G,), tl.float64))
+        tl.store(counter_ptr, 0)
 
 
-# Buckets a side of 0 in the nf4/int4 lookup: 1/16 wide, narrower than any gap between two thresholds (nf4's
-# smallest: 0.0805), so a window holds at most one.
+# Buckets a side of 0 in the nf4/int4 lookup: 1/16 wide, widened by _WINDOW a side (the rounding to eighths, and a
+# margin), still narrower than any gap between two thresholds (nf4's smallest: 0.0805), so a window holds at most
+# one.
 _BUCKETS = 16
-_WINDOW = 2.0**-20
+_WINDOW = 2.0**-8 + 2.0**-20
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
@@ -200,7 +294,7 @@ def _pack_entries(below: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
 
 
 def _bucket_tables(thresholds: list[float]) -> torch.Tensor:
-    """int64 [4*_BUCKETS]: the entry of every bucket, then copies of the last one (see _encode)."""
+    """int64 [4*_BUCKETS]: the entry of every bucket, copies of the last one, then bucket 0's (see _encode)."""
     nb = 2 * _BUCKETS
     below, first = [], []
     for b in range(nb):
@@ -211,7 +305,7 @@ def _bucket_tables(thresholds: list[float]) -> torch.Tensor:
         below.append(sum(t < lo for t in thresholds))
         first.append(ts[0] if ts else math.inf)
     entries = _pack_entries(torch.tensor(below), torch.tensor(first, dtype=torch.float64))
-    return torch.cat([entries, entries[-1:].expand(nb)])
+    return torch.cat([entries, entries[-1:].expand(nb - 1), entries[:1]])
 
 
 def _tables(quant_type: str, device: torch.device) -> torch.Tensor:
@@ -274,43 +368,88 @@ def _rcp_delta(device: torch.device) -> torch.Tensor:
     return format._rcp_delta(device) if interpreted() else torch.empty(1, dtype=torch.int32, device=device)
 
 
-def quantize_4bit(tensor: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(data uint8 [(n+1)//2, 1], absmax fp32 [nblocks]) of a contiguous float tensor; NaN/Inf are not checked."""
+# The double quant's float64 sums (slots of the 4-bit pass's programs) and its kernel's ticket counter, per
+# (device, stream): the 4-bit pass adds into the sums, the double-quant kernel's last program zeroes both, so each
+# call finds them zeroed without a memset (as common.tile_counters; graphs captured on one stream must not be
+# replayed on several at once).
+_SCRATCH: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    sums_counter = _SCRATCH.get((device, stream))
+    if sums_counter is None or sums_counter[0].numel() < _SUM_SLOTS:
+        sums = torch.zeros(_SUM_SLOTS, dtype=torch.float64, device=device)
+        sums_counter = sums, torch.zeros(1, dtype=torch.int32, device=device)
+        _SCRATCH[(device, stream)] = sums_counter
+    return sums_counter
+
+
+def quantize_4bit(
+    tensor: torch.Tensor, quant_type: str, blocksize: int, sums: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data uint8 [(n+1)//2, 1], absmax fp32 [nblocks]) of a contiguous float tensor; NaN/Inf are not checked.
+    With ``sums`` (float64 [_SUM_SLOTS]), also adds the absmax values into it, for _double_quantize."""
     n = tensor.numel()
     nblocks = triton.cdiv(n, blocksize)
     full = n // blocksize  # whole blocks; a partial last block is launched on its own
     data = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=tensor.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=tensor.device)
     nb = max(1, _ELEMENTS_PER_PROGRAM // blocksize)
-    args = (tensor, _tables(quant_type, tensor.device), _rcp_delta(tensor.device), data, absmax, n)
+    args = (tensor, _tables(quant_type, tensor.device), _rcp_delta(tensor.device), data, absmax, sums, n)
     consts = dict(
         BLOCKSIZE=blocksize, NTHRESHOLDS=len(codebook.FP4_MAGNITUDE_THRESHOLDS), SIGN_MAGNITUDE=quant_type == "fp4",
-        BUCKETS=_BUCKETS, INTERPRETED=interpreted(),
+        BUCKETS=_BUCKETS, SUMS=sums is not None, G=_SUM_SLOTS, INTERPRETED=interpreted(),
     )  # fmt: skip
     if full:
+        words = tensor.dtype == torch.bfloat16 and tensor.data_ptr() % 4 == 0 and ampere_or_newer(tensor.device)
         wrap_triton(_quantize_kernel)[(triton.cdiv(full, nb),)](
-            *args, 0, full, NB=nb, PARTIAL=False, num_warps=_NUM_WARPS, **consts
-        )
+            *args, 0, full, NB=nb, PARTIAL=False, BF16_WORDS=words, THREADS=32 * _NUM_WARPS, num_warps=_NUM_WARPS,
+            **consts,
+        )  # fmt: skip
     if full < nblocks:
-        wrap_triton(_quantize_kernel)[(1,)](*args, full, nblocks, NB=1, PARTIAL=True, num_warps=4, **consts)
+        wrap_triton(_quantize_kernel)[(1,)](*args, full, nblocks, NB=1, PARTIAL=True, BF16_WORDS=False, THREADS=128,
+                                            num_warps=4, **consts)  # fmt: skip
     return data, absmax
 
 
-def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes uint8 [nblocks], nested_absmax fp32 [ceil(nblocks/256)], offset fp32 0-d) of an fp32 absmax, in
-    bitsandbytes' dynamic map (format's); the offset is format.mean_offset's (an exact float64 sum does not depend
-    on its order)."""
+def _double_quantize(
+    absmax: torch.Tensor, sums: torch.Tensor, counter: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     nblocks = absmax.numel()
     nnested = triton.cdiv(nblocks, 256)
-    chunk = triton.cdiv(triton.cdiv(nblocks, _SUM_PROGRAMS), _SUM_BLOCK) * _SUM_BLOCK  # programs past the end: 0
-    sums = torch.empty(_SUM_PROGRAMS, dtype=torch.float64, device=absmax.device)
-    wrap_triton(_absmax_sums_kernel)[(_SUM_PROGRAMS,)](absmax, sums, nblocks, chunk, BLOCK=_SUM_BLOCK, num_warps=4)
     codes = torch.empty(nblocks, dtype=torch.uint8, device=absmax.device)
     nested_absmax = torch.empty(nnested, dtype=torch.float32, device=absmax.device)
     offset = torch.empty((), dtype=torch.float32, device=absmax.device)
-    wrap_triton(_double_quantize_kernel)[(triton.cdiv(nnested, _NESTED_PER_PROGRAM),)](
-        absmax, sums, _dq_table(absmax.device), _rcp_delta(absmax.device), codes, nested_absmax, offset, nblocks,
-        G=_SUM_PROGRAMS, NBN=_NESTED_PER_PROGRAM, KEY_MIN=_DQ_KEY_MIN, SIDE=_DQ_SIDE, INTERPRETED=interpreted(),
-        num_warps=4,
-    )  # fmt: skip
+    try:
+        wrap_triton(_double_quantize_kernel)[(triton.cdiv(nnested, _NESTED_PER_PROGRAM),)](
+            absmax, sums, counter, _dq_table(absmax.device), _rcp_delta(absmax.device), codes, nested_absmax, offset,
+            nblocks, G=_SUM_SLOTS, NBN=_NESTED_PER_PROGRAM, KEY_MIN=_DQ_KEY_MIN, SIDE=_DQ_SIDE,
+            INTERPRETED=interpreted(), num_warps=4,
+        )  # fmt: skip
+    except BaseException:
+        sums.zero_()  # the kernel that zeroes them did not run
+        counter.zero_()
+        raise
     return codes, nested_absmax, offset
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 [nblocks], nested_absmax fp32 [ceil(nblocks/256)], offset fp32 0-d) of any fp32 absmax, in
+    bitsandbytes' dynamic map (format's); the offset is format.mean_offset's (an exact float64 sum does not depend
+    on its order). Its sum is torch's, as no 4-bit pass added it up."""
+    sums = torch.zeros(_SUM_SLOTS, dtype=torch.float64, device=absmax.device)
+    sums[0] = absmax.sum(dtype=torch.float64)
+    return _double_quantize(absmax, sums, torch.zeros(1, dtype=torch.int32, device=absmax.device))
+
+
+def quantize(
+    tensor: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(data, absmax or its 8-bit codes, nested_absmax, offset) of a contiguous float tensor (the last two None
+    without double quant): two launches with double quant, the pass adding the sums of absmax as it goes."""
+    if not double_quant:
+        return (*quantize_4bit(tensor, quant_type, blocksize), None, None)
+    sums, counter = _scratch(tensor.device)
+    data, absmax = quantize_4bit(tensor, quant_type, blocksize, sums)
+    return data, *_double_quantize(absmax, sums, counter)
