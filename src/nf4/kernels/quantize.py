@@ -15,6 +15,7 @@ separate kernel summing absmax cost 0.04-0.2x the floor, mostly its launch; the 
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import triton
@@ -50,6 +51,11 @@ _NESTED_PER_PROGRAM = 4
 # low part is 0), whose code is 0 in both tables. No float->int conversion (a quarter of the FMA rate), no clamp.
 # fp4 counts its 7 magnitude thresholds.
 _MAGIC: tl.constexpr = tl.constexpr(1.5 * 2**20)
+# Buckets a side of 0 in the nf4/int4 lookup: 1/16 wide, widened by _WINDOW a side (the rounding to eighths, and a
+# margin), still narrower than any gap between two thresholds (nf4's smallest: 0.0805), so a window holds at most
+# one.
+_BUCKETS = 16
+_WINDOW = 2.0**-8 + 2.0**-20
 
 
 # The code of y from its bucket's 64-bit table entry (both encoders' tables, made by _pack_entries): below in the
@@ -121,10 +127,11 @@ def _encode8_ptx() -> str:
     four code bytes, stored as word $10 from address $9 where $11 is not 0 ($0: a dummy): per value one fma, an and, an
     add, one 64-bit load from nf4_codes, a compare and a subtraction; a multiply-add a value packs. Storing here
     keeps the word in the thread that made it (Triton's store regathers 4 a thread through shared memory)."""
-    magic = 0x49C00080  # fp32 bits of 1.5 * 2**20 + _BUCKETS
+    scale, offset = (struct.unpack("<I", struct.pack("<f", v))[0] for v in (_BUCKETS, _BUCKETS + _MAGIC.value))
+    mask = (4 * _BUCKETS - 1) << 3  # _encode's entries, 8 bytes each
     body = "{ .reg .b32 t, a<8>, c<8>, f<8>; .reg .pred p; mov.u32 t, nf4_codes;"
     for i in range(8):  # y > first as the sign bit of first - y (no predicate a value: ptxas spilled them)
-        body += (f" fma.rn.f32 a{i}, ${i + 1}, 0f41800000, 0f{magic:08X}; and.b32 a{i}, a{i}, 504;"
+        body += (f" fma.rn.f32 a{i}, ${i + 1}, 0f{scale:08X}, 0f{offset:08X}; and.b32 a{i}, a{i}, {mask};"
                  f" add.u32 a{i}, a{i}, t; ld.shared.v2.u32 {{c{i}, f{i}}}, [a{i}];"
                  f" sub.rn.f32 f{i}, f{i}, ${i + 1}; shr.u32 f{i}, f{i}, 31; add.u32 c{i}, c{i}, f{i};")  # fmt: skip
     for hi, lo, shift in ((0, 1, 0), (2, 3, 8), (4, 5, 16), (6, 7, 24)):  # byte j: element 2j high, 2j + 1 low
@@ -280,11 +287,6 @@ def _double_quantize_kernel(
         tl.store(counter_ptr, 0)
 
 
-# Buckets a side of 0 in the nf4/int4 lookup: 1/16 wide, widened by _WINDOW a side (the rounding to eighths, and a
-# margin), still narrower than any gap between two thresholds (nf4's smallest: 0.0805), so a window holds at most
-# one.
-_BUCKETS = 16
-_WINDOW = 2.0**-8 + 2.0**-20
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
