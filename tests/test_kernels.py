@@ -145,6 +145,22 @@ def test_double_quantize_offset_is_the_same_for_any_split_of_the_sum(
     assert not sums.any() and not counter.any()
 
 
+def test_quantizes_from_several_threads_each_get_their_own_offset() -> None:
+    # the pass adds into the stream's sums and the double-quant kernel reads and zeroes them: another thread's pass
+    # must not come between the two launches (the interpreter, which cannot run two kernels at once, fails without
+    # the lock too)
+    from concurrent.futures import ThreadPoolExecutor
+
+    xs = [torch.randn(64 * 256 * 3) * scale for scale in (1.0, 5.0, 0.1, 40.0)]
+    refs = [format.quantize(x, "nf4", 64, double_quant=True) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: [kquantize.quantize(xs[i], "nf4", 64, True) for _ in range(3)], range(4)))
+    for ref, runs in zip(refs, outs, strict=True):
+        for _, codes, nested_absmax, offset in runs:
+            assert offset.item() == ref.nested_offset and torch.equal(codes, ref.absmax)
+            assert torch.equal(nested_absmax, ref.nested_absmax)
+
+
 def test_double_quantize_zeroes_its_sums_when_its_launch_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kquantize, "_SCRATCH", {})
     x = torch.randn(64 * 40)

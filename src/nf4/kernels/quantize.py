@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 
 import torch
 import triton
@@ -375,6 +376,8 @@ def _rcp_delta(device: torch.device) -> torch.Tensor:
 # call finds them zeroed without a memset (as common.tile_counters; graphs captured on one stream must not be
 # replayed on several at once).
 _SCRATCH: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+# Held while a quantize enqueues its two launches: another thread's pass must not add into the sums between them.
+_LAUNCHES = threading.Lock()
 
 
 def _scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,6 +455,7 @@ def quantize(
     without double quant): two launches with double quant, the pass adding the sums of absmax as it goes."""
     if not double_quant:
         return (*quantize_4bit(tensor, quant_type, blocksize), None, None)
-    sums, counter = _scratch(tensor.device)
-    data, absmax = quantize_4bit(tensor, quant_type, blocksize, sums)
-    return data, *_double_quantize(absmax, sums, counter)
+    with _LAUNCHES:
+        sums, counter = _scratch(tensor.device)
+        data, absmax = quantize_4bit(tensor, quant_type, blocksize, sums)
+        return data, *_double_quantize(absmax, sums, counter)
