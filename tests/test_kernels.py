@@ -133,7 +133,7 @@ def test_double_quantize_offset_is_the_same_for_any_split_of_the_sum(
     # sum, and give its offset bit for bit (the sum is exact); the double-quant kernel leaves them zeroed for the
     # next call, which gives the same bytes
     monkeypatch.setattr(kquantize, "_SUM_SLOTS", slots)
-    monkeypatch.setattr(kquantize, "_SCRATCH", {})
+    monkeypatch.setattr(common, "_ZEROED", {})
     x = torch.randn(64 * 37 * 33 + 5) * torch.logspace(-3, 2, 64 * 37 * 33 + 5)
     ref = format.quantize(x, "nf4", 64, double_quant=True)
     for _ in range(2):
@@ -162,7 +162,7 @@ def test_quantizes_from_several_threads_each_get_their_own_offset() -> None:
 
 
 def test_double_quantize_zeroes_its_sums_when_its_launch_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kquantize, "_SCRATCH", {})
+    monkeypatch.setattr(common, "_ZEROED", {})
     x = torch.randn(64 * 40)
 
     wrap = kquantize.wrap_triton

@@ -101,11 +101,7 @@ def _quantize_op(
     The CPU path is ``nf4.format.quantize`` itself (eager only: it checks values on the host).
     """
     if _on_gpu(tensor):
-        data, absmax, nested_absmax, offset = _kquantize.quantize(tensor.contiguous(), quant_type, blocksize,
-                                                                  double_quant)  # fmt: skip
-        if not double_quant:
-            return data, absmax, absmax.new_empty(0), absmax.new_empty(0)
-        return data, absmax, nested_absmax, offset
+        return _kquantize.quantize(tensor.contiguous(), quant_type, blocksize, double_quant)
     q = format.quantize(tensor, quant_type, blocksize, double_quant)
     if not double_quant:
         return q.data, q.absmax, q.absmax.new_empty(0), q.absmax.new_empty(0)

@@ -201,11 +201,12 @@ def sum_tiles(
                           counter_ptr + tile, HAS_BIAS, SPLIT_K, INTERPRETED)  # fmt: skip
 
 
-# Row-tile counters of split-K launches, per (device, stream): a kernel leaves them at 0 and kernels of one stream
-# run one after another, so each finds them zeroed without a memset a launch. A CUDA graph keeps the counters of
-# the stream it was captured on, so graphs captured on one stream must not be replayed concurrently (on several
-# streams at once). Buffers outgrown stay referenced: a captured graph may still point at them.
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+# Zeroed buffers (split-K's row-tile counters, the double quant's sums and ticket), one per (use, device, stream):
+# the kernels using one leave it at 0 and kernels of one stream run one after another, so each finds it zeroed
+# without a memset a launch. A CUDA graph keeps the buffers of the stream it was captured on, so graphs captured
+# on one stream must not be replayed concurrently (on several streams at once). Buffers outgrown stay referenced:
+# a captured graph may still point at them.
+_ZEROED: dict[tuple[str, torch.device, int], torch.Tensor] = {}
 _OUTGROWN: list[torch.Tensor] = []
 
 
@@ -284,19 +285,25 @@ def run(kernel: triton.JITFunction, grid: tuple[int, ...], *args: object, **cons
                  compiled.packed_metadata, None, None, None, *args, *tail)  # fmt: skip
 
 
+def stream_zeros(use: str, device: torch.device, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """At least ``n`` zeros of ``dtype``, this stream's buffer for ``use``, which the kernels using it return to
+    zero (see _ZEROED)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    buffer = _ZEROED.get((use, device, stream))
+    if buffer is None or buffer.numel() < n:
+        if buffer is not None:
+            _OUTGROWN.append(buffer)
+        buffer = torch.zeros(n, dtype=dtype, device=device)
+        _ZEROED[(use, device, stream)] = buffer
+    return buffer
+
+
 def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """int32 zeros, at least ``tiles`` of them, that split-K kernels return to zero. Traced by torch.compile, a
     fresh zeroed tensor: a compiled graph holds no state of its own."""
     if tracing():
         return torch.zeros(tiles, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    counters = _COUNTERS.get((device, stream))
-    if counters is None or counters.numel() < tiles:
-        if counters is not None:
-            _OUTGROWN.append(counters)
-        counters = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
-        _COUNTERS[(device, stream)] = counters
-    return counters
+    return stream_zeros("split-K tile counters", device, max(tiles, 1 << 16), torch.int32)
 
 
 def scale_args(

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from nf4 import codebook, format
-from nf4.kernels.common import ampere_or_newer, flush, interpreted, reciprocal_approx
+from nf4.kernels.common import ampere_or_newer, flush, interpreted, reciprocal_approx, stream_zeros
 
 # 32 elements a thread (2 warps: the table's 64 entries are stored one a thread). H200, the 4-bit pass x its floor
 # at elements a program / warps (docs/BENCHMARKS.md, "Twenty-fourth session"): 4096x4096 1024 / 2 1.35, 2048 / 2
@@ -372,23 +372,16 @@ def _rcp_delta(device: torch.device) -> torch.Tensor:
     return format._rcp_delta(device) if interpreted() else torch.empty(1, dtype=torch.int32, device=device)
 
 
-# The double quant's float64 sums (slots of the 4-bit pass's programs) and its kernel's ticket counter, per
-# (device, stream): the 4-bit pass adds into the sums, the double-quant kernel's last program zeroes both, so each
-# call finds them zeroed without a memset (as common.tile_counters; graphs captured on one stream must not be
-# replayed on several at once).
-_SCRATCH: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
 # Held while a quantize enqueues its two launches: another thread's pass must not add into the sums between them.
-_LAUNCHES = threading.Lock()
+_ENQUEUE = threading.Lock()
 
 
 def _scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    sums_counter = _SCRATCH.get((device, stream))
-    if sums_counter is None or sums_counter[0].numel() < _SUM_SLOTS:
-        sums = torch.zeros(_SUM_SLOTS, dtype=torch.float64, device=device)
-        sums_counter = sums, torch.zeros(1, dtype=torch.int32, device=device)
-        _SCRATCH[(device, stream)] = sums_counter
-    return sums_counter
+    """The double quant's float64 sums (slots of the 4-bit pass's programs) and its kernel's ticket counter, this
+    stream's (common.stream_zeros): the pass adds into the sums, the double-quant kernel's last program zeroes both,
+    so each call finds them zeroed without a memset."""
+    return (stream_zeros("double-quant sums", device, _SUM_SLOTS, torch.float64),
+            stream_zeros("double-quant ticket", device, 1, torch.int32))  # fmt: skip
 
 
 def quantize_4bit(
@@ -451,12 +444,13 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 def quantize(
     tensor: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(data, absmax or its 8-bit codes, nested_absmax, offset) of a contiguous float tensor (the last two None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(data, absmax or its 8-bit codes, nested_absmax, offset) of a contiguous float tensor (the last two empty
     without double quant): two launches with double quant, the pass adding the sums of absmax as it goes."""
     if not double_quant:
-        return (*quantize_4bit(tensor, quant_type, blocksize), None, None)
-    with _LAUNCHES:
+        data, absmax = quantize_4bit(tensor, quant_type, blocksize)
+        return data, absmax, absmax.new_empty(0), absmax.new_empty(0)
+    with _ENQUEUE:
         sums, counter = _scratch(tensor.device)
         data, absmax = quantize_4bit(tensor, quant_type, blocksize, sums)
         return data, *_double_quantize(absmax, sums, counter)
