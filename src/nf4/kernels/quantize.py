@@ -6,11 +6,11 @@ each finish the mean. Every rounding step mirrors ``nf4.format``, so the bytes a
 
 What the H200 runs taught (docs/BENCHMARKS_GPU.md, "Eleventh session"; docs/BENCHMARKS.md, "Twenty-fourth
 session"): 272 instructions a thread for 8 elements at first (28672x8192 2.1x its floor); 20 an element after
-multiplying by the reciprocal with flush-to-zero, one 64-bit table entry a lookup and vector code stores (1.28-1.49x
+multiplying by the reciprocal with flush-to-zero, one 64-bit table entry a lookup and vector code stores (1.27-1.49x
 the pass's floor); ~14 an element now, with the encode, pack and store in inline PTX against a table in shared
-memory and the bucket found by one fma and an and (1.09-1.31x). What bounds it now is the L1 pipe (ncu: 98% busy on
-28672x8192, DRAM 57%), the most of it the table's 8-byte lookups. A separate kernel summing absmax cost 0.04-0.2x
-the floor, mostly its launch; the pass's float64 sums cost less.
+memory and the bucket found by one fma and an and (1.11-1.31x at 2048 elements a program). What bounds it now is
+the L1 pipe (ncu: 98% busy on 28672x8192, DRAM 57%), the most of it the table's 8-byte lookups. A separate kernel
+summing absmax cost 0.04-0.2x the floor, mostly its launch; the pass's float64 sums cost less.
 """
 
 from __future__ import annotations
