@@ -1,7 +1,8 @@
 """A/B of fused-matmul kernel variants on one GPU, in one process: times, errors, registers.
 
-Usage: python benchmarks/ab.py [--fn gemv|mma] [--m M] [--shapes A,B] [--out DIR] --variant SPEC [--variant SPEC ...]
-SPEC is LABEL=PATH[:ATTR=VALUE,...][@FIELD=VALUE,...]: a copy of gemv.py or mma.py (a file under out/, say, with
+Usage: python benchmarks/ab.py [--fn gemv|gemv_tc|gemv_tcm|mma] [--m M] [--shapes A,B] [--out DIR]
+    --variant SPEC [--variant SPEC ...]
+SPEC is LABEL=PATH[:ATTR=VALUE,...][@FIELD=VALUE,...]: a copy of the kernel's module (a file under out/, say, with
 the change to try), module attributes set before each call (e.g. a LOOKUP switch the copy reads), and fields of
 its default config replaced (a negative split_k divides the default one). Per shape: bf16 cuBLAS and each variant
 at M rows, weights rotated past L2, medians of CUDA-graph replays (kernels.bench); each variant's error
@@ -67,6 +68,18 @@ def _registers(module: ModuleType, fn: str) -> list:
     return sorted(found)
 
 
+def _default_config(module: ModuleType, fn: str, n: int, k: int, m: int) -> object:
+    """The module's config for an n x k weight at m rows (each kernel's default_config takes its own arguments)."""
+    device = torch.device("cuda")
+    if fn == "gemv":
+        return module.default_config(n, k, 64)
+    if fn == "mma":
+        return module.default_config(n, k, 64, m)
+    if fn == "gemv_tc":
+        return module.default_config(n, k, device)
+    return module.default_config(n, k, m, device)
+
+
 def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
     n, k = ks.SHAPES[name]
     qs, qa, ws, w0 = ks.rotated_weights(n, k)
@@ -76,7 +89,7 @@ def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
         saved = {attr: getattr(v.module, attr) for attr in v.attrs}  # restored below: variants share modules
         for attr, value in v.attrs.items():
             setattr(v.module, attr, value)
-        default = v.module.default_config(n, k, 64) if fn == "gemv" else v.module.default_config(n, k, 64, m)
+        default = _default_config(v.module, fn, n, k, m)
         fields = dict(v.fields)
         if fields.get("split_k", 1) < 0:
             fields["split_k"] = max(1, default.split_k // -fields["split_k"])
@@ -101,7 +114,7 @@ def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fn", choices=("gemv", "mma"), default="gemv")
+    parser.add_argument("--fn", choices=("gemv", "gemv_tc", "gemv_tcm", "mma"), default="gemv")
     parser.add_argument("--m", type=int, default=1)
     parser.add_argument("--shapes", default="70B_up,70B_down,8B_up,8B_down,8B_qo")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))

@@ -78,10 +78,10 @@ def _ulps_around(values: torch.Tensor, k: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("quant_type", ["nf4", "int4"])
 def test_quantize_lookup_is_exact_at_thresholds_and_bucket_edges(quant_type: str) -> None:
     # the encoder's bucket lookup against format's count of thresholds, where it could go wrong: within 3 ulps of
-    # every threshold and of every bucket edge (where y * BUCKETS rounded to eighths crosses an integer: 2**-8
-    # below the edge), at +-1, 0 and NaN; each block holds 1.0 so its absmax is 1
+    # every threshold and of every bucket edge (where y * BUCKETS rounded to quarters crosses an integer: 2**-7
+    # below the edge; and 2**-8 below, where eighths did), at +-1, 0 and NaN; each block holds 1.0 so its absmax is 1
     edges = torch.arange(2 * kquantize._BUCKETS + 1, dtype=torch.float32) / kquantize._BUCKETS - 1
-    edges = torch.cat([edges, edges - 2.0**-8])
+    edges = torch.cat([edges, edges - 2.0**-7, edges - 2.0**-8])
     probe = _ulps_around(torch.cat([format._thresholds(quant_type, torch.device("cpu")), edges]))
     probe = torch.cat([probe, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])])
     rest = torch.zeros(-(-probe.numel() // 63) * 63)

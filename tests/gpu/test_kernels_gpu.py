@@ -116,13 +116,13 @@ def test_quantize_equals_bitsandbytes_cuda() -> None:
 @pytest.mark.parametrize("quant_type", ["nf4", "int4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_quantize_is_exact_at_thresholds_and_bucket_edges(quant_type: str, dtype: torch.dtype) -> None:
-    # values within 3 ulps of every threshold and of the encoder's bucket edges (and 2**-8 below them, where the
-    # rounding to eighths crosses), in blocks whose absmax is +-1 (so y = x, and y = -1 exactly), an all-zero
-    # block, subnormals, at storage offsets 0-2 and odd lengths (a partial last block), against the torch reference
-    # on the GPU
+    # values within 3 ulps of every threshold and of the encoder's bucket edges (and 2**-7 below them, where the
+    # rounding to quarters crosses, and 2**-8), in blocks whose absmax is +-1 (so y = x, and y = -1 exactly), an
+    # all-zero block, subnormals, at storage offsets 0-2 and odd lengths (a partial last block), against the torch
+    # reference on the GPU
     cpu = torch.device("cpu")
     edges = torch.arange(33, dtype=torch.float32) / 16 - 1
-    points = [edges, edges - 2.0**-8, torch.tensor([0.5, 0.0, 1e-30, 1e-39])]
+    points = [edges, edges - 2.0**-7, edges - 2.0**-8, torch.tensor([0.5, 0.0, 1e-30, 1e-39])]
     if quant_type != "fp4":
         points.append(nf4.format._thresholds(quant_type, cpu))
     probe, up, down = [torch.cat(points)], torch.cat(points), torch.cat(points)

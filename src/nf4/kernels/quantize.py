@@ -4,13 +4,15 @@ Two launches: the 4-bit pass (reads 2 bytes, writes 0.5 byte per bf16 param: the
 their absmax into float64 sums, then the nested pass over absmax (1/blocksize of the elements), whose programs
 each finish the mean. Every rounding step mirrors ``nf4.format``, so the bytes are equal.
 
-What the H200 runs taught (docs/BENCHMARKS_GPU.md, "Eleventh session"; docs/BENCHMARKS.md, "Twenty-fourth
-session"): 272 instructions a thread for 8 elements at first (28672x8192 2.1x its floor); 20 an element after
-multiplying by the reciprocal with flush-to-zero, one 64-bit table entry a lookup and vector code stores (1.27-1.49x
-the pass's floor); ~14 an element now, with the encode, pack and store in inline PTX against a table in shared
-memory and the bucket found by one fma and an and (1.11-1.31x at 2048 elements a program). What bounds it now is
-the L1 pipe (ncu: 98% busy on 28672x8192, DRAM 57%), the most of it the table's 8-byte lookups. A separate kernel
-summing absmax cost 0.04-0.2x the floor, mostly its launch; the pass's float64 sums cost less.
+What the H200 runs taught (docs/BENCHMARKS_GPU.md, "Eleventh session"; docs/BENCHMARKS.md, "Twenty-fourth" and
+"Twenty-fifth session"): 272 instructions a thread for 8 elements at first (28672x8192 2.1x its floor); 20 an element
+after multiplying by the reciprocal with flush-to-zero, one 64-bit table entry a lookup and vector code stores
+(1.27-1.49x the pass's floor); ~14 an element with the encode, pack and store in inline PTX against a table in
+shared memory and the bucket found by one fma and an and (1.11-1.31x at 2048 elements a program), where the L1 pipe
+bound it (ncu: 98% busy on 28672x8192, DRAM 57%), the most of it the 8-byte lookups, two wavefronts a warp and more
+where buckets e and e + 16 met in a bank pair. Now the table is two 32-bit halves, each lookup one conflict-free
+wavefront, at one instruction more a value (~15.75 an element): the pass 1.13-1.23x, the whole quantize 8-13% faster.
+A separate kernel summing absmax cost 0.04-0.2x the floor, mostly its launch; the pass's float64 sums cost less.
 """
 
 from __future__ import annotations
@@ -44,20 +46,22 @@ _NESTED_PER_PROGRAM = 4
 # nf4/int4 look the count up: y falls in one of 2*BUCKETS equal buckets over [-1, 1) and
 #   code = below[b] + (y > first[b])
 # where below[b] counts the thresholds under bucket b's window and first[b] is the (at most one) threshold
-# inside it (+inf if none), one 64-bit table entry (below in the low word, first's fp32 bits in the high word).
-# The bucket costs one fma and one and: v = y * BUCKETS + (BUCKETS + 1.5 * 2**20) lies in [2**20, 2**21), where
-# fp32 steps by 1/8, so v's low bits hold y * BUCKETS + BUCKETS rounded to eighths and bits & (63 << 3) is
-# 8 * (its floor mod 64), the entry's byte offset. Rounding to eighths moves y by at most 2**-8, so a bucket's
-# window is widened by 2**-8 (and a margin) on each side; y = 1 lands on entry 32, a copy of the last bucket's,
-# as do the entries up to 62; y a hair under -1 on entry 63, a copy of bucket 0's; NaN on entry 0 (its bits'
-# low part is 0), whose code is 0 in both tables. No float->int conversion (a quarter of the FMA rate), no clamp.
-# fp4 counts its 7 magnitude thresholds.
-_MAGIC: tl.constexpr = tl.constexpr(1.5 * 2**20)
-# Buckets a side of 0 in the nf4/int4 lookup: 1/16 wide, widened by _WINDOW a side (the rounding to eighths, and a
-# margin), still narrower than any gap between two thresholds (nf4's smallest: 0.0805), so a window holds at most
-# one.
+# inside it (+inf if none): two tables of 32-bit words, below's then first's fp32 bits (int64 entries in memory,
+# below in the low word, split in shared memory so that a warp's lookups take one wavefront each: the 32 buckets
+# fill the 32 banks).
+# The bucket costs one fma and one and: v = y * BUCKETS + (BUCKETS + 1.5 * 2**21) lies in [2**21, 2**22), where
+# fp32 steps by 1/4, so v's low bits hold y * BUCKETS + BUCKETS rounded to quarters and bits & (63 << 2) is
+# 4 * (its floor mod 64), the entry's byte offset. Rounding to quarters moves y by at most 2**-7, so a bucket's
+# window is widened by 2**-7 (and a margin) on each side; y = 1 lands on entry 32, a copy of the last bucket's,
+# as do the entries up to 62; y a hair under -1 on entry 63, a copy of bucket 0's; NaN on entry 0 or 63 (its bits'
+# low part is 0, or all ones when an instruction made it), whose code is 0 in both tables. No float->int conversion
+# (a quarter of the FMA rate), no clamp. fp4 counts its 7 magnitude thresholds.
+_MAGIC: tl.constexpr = tl.constexpr(1.5 * 2**21)
+# Buckets a side of 0 in the nf4/int4 lookup: 1/16 wide, widened by _WINDOW a side (the rounding to quarters, and a
+# margin) to 0.0782, still narrower than any gap between two thresholds (nf4's smallest: 0.0805), so a window holds
+# at most one.
 _BUCKETS = 16
-_WINDOW = 2.0**-8 + 2.0**-20
+_WINDOW = 2.0**-7 + 2.0**-20
 
 
 # The code of y from its bucket's 64-bit table entry (both encoders' tables, made by _pack_entries): below in the
@@ -79,7 +83,7 @@ def _encode(y, tables_ptr, NTHRESHOLDS: tl.constexpr, SIGN_MAGNITUDE: tl.constex
     else:
         NE: tl.constexpr = 4 * BUCKETS  # entries: the 2*BUCKETS buckets, copies of the last, bucket 0's
         v = y * BUCKETS + (BUCKETS + _MAGIC)  # y * BUCKETS is exact: one rounding, as the fma
-        b = (v.to(tl.int32, bitcast=True) & (8 * NE - 8)) >> 3
+        b = (v.to(tl.int32, bitcast=True) & (4 * NE - 4)) >> 2
         entries = tl.load(tables_ptr + tl.arange(0, NE))  # int64
         code = _entry_code(y, tl.reshape(tl.gather(entries, tl.reshape(b, (y.numel,)), 0), y.shape))
     return code
@@ -101,16 +105,17 @@ def _mul_ftz(x, r, INTERPRETED: tl.constexpr):
                                          is_pure=True, pack=1)  # fmt: skip
 
 
-# The nf4/int4 bucket table (_tables) into shared memory: the kernel's one ``.shared`` array, declared where this
-# is inlined (once: one entry a thread, THREADS >= 64), then a barrier before any lookup.
+# The nf4/int4 bucket table (_tables) into shared memory as its two halves: below[64] then first[64], 32-bit words
+# (the kernel's one ``.shared`` array, declared where this is inlined, once: one entry a thread, THREADS >= 64),
+# then a barrier before any lookup.
 @triton.jit
 def _code_table(tables_ptr, THREADS: tl.constexpr):
     tl.static_assert(THREADS >= 64)
     i = tl.arange(0, THREADS)
     tl.inline_asm_elementwise(
-        ".shared .align 16 .b64 nf4_codes[64];"
-        " { .reg .pred p; .reg .u32 a; setp.lt.u32 p, $1, 64; mov.u32 a, nf4_codes; mad.lo.u32 a, $1, 8, a;"
-        " @p st.shared.b64 [a], $2; bar.sync 0; mov.b32 $0, 0; }",
+        ".shared .align 16 .b32 nf4_codes[128];"
+        " { .reg .pred p; .reg .u32 a, lo, hi; setp.lt.u32 p, $1, 64; mov.u32 a, nf4_codes; mad.lo.u32 a, $1, 4, a;"
+        " mov.b64 {lo, hi}, $2; @p st.shared.b32 [a], lo; @p st.shared.b32 [a+256], hi; bar.sync 0; mov.b32 $0, 0; }",
         "=r,r,l", [i, tl.load(tables_ptr + (i & 63))], dtype=tl.int32, is_pure=False, pack=1,
     )  # fmt: skip
 
@@ -127,14 +132,15 @@ def _split4(t, NB: tl.constexpr, W: tl.constexpr):
 def _encode8_ptx() -> str:
     """Inline PTX of _encode (nf4/int4) on eight scaled values $1-$8 (elements 8w ... 8w + 7), packed into their
     four code bytes, stored as word $10 from address $9 where $11 is not 0 ($0: a dummy): per value one fma, an and, an
-    add, one 64-bit load from nf4_codes, a compare and a subtraction; a multiply-add a value packs. Storing here
+    add, two 32-bit loads from nf4_codes (below, first), a subtraction, a shift and an add; a multiply-add a value
+    packs. Storing here
     keeps the word in the thread that made it (Triton's store regathers 4 a thread through shared memory)."""
     scale, offset = (struct.unpack("<I", struct.pack("<f", v))[0] for v in (_BUCKETS, _BUCKETS + _MAGIC.value))
-    mask = (4 * _BUCKETS - 1) << 3  # _encode's entries, 8 bytes each
+    mask = (4 * _BUCKETS - 1) << 2  # _encode's entries, 4 bytes a table
     body = "{ .reg .b32 t, a<8>, c<8>, f<8>; .reg .pred p; mov.u32 t, nf4_codes;"
     for i in range(8):  # y > first as the sign bit of first - y (no predicate a value: ptxas spilled them)
         body += (f" fma.rn.f32 a{i}, ${i + 1}, 0f{scale:08X}, 0f{offset:08X}; and.b32 a{i}, a{i}, {mask};"
-                 f" add.u32 a{i}, a{i}, t; ld.shared.v2.u32 {{c{i}, f{i}}}, [a{i}];"
+                 f" add.u32 a{i}, a{i}, t; ld.shared.u32 c{i}, [a{i}]; ld.shared.u32 f{i}, [a{i}+256];"
                  f" sub.rn.f32 f{i}, f{i}, ${i + 1}; shr.u32 f{i}, f{i}, 31; add.u32 c{i}, c{i}, f{i};")  # fmt: skip
     for hi, lo, shift in ((0, 1, 0), (2, 3, 8), (4, 5, 16), (6, 7, 24)):  # byte j: element 2j high, 2j + 1 low
         body += f" mad.lo.u32 c{lo}, c{hi}, 16, c{lo};"
@@ -171,7 +177,7 @@ def _unpack_bf16(w, INTERPRETED: tl.constexpr):
 # bf16 on a 4-byte boundary is loaded as pair words and unpacked by a shift and an and (Triton's conversion took a
 # byte permute more for the odd element); other inputs load as [NB, BS] and split in registers. Four bytes leave
 # as one word; compiled, nf4/int4 encode, pack and store in inline PTX (_encode8_ptx) against the table in shared
-# memory: Triton 3.6 SASS, 472 instructions a thread of 32 elements against 640 through Triton's gather, byte
+# memory: Triton 3.6 SASS, 504 instructions a thread of 32 elements against 640 through Triton's gather, byte
 # packing and store (which regathered the words through shared memory). With SUMS the
 # program adds its blocks' absmax, in float64, into sums[pid % G] (no ordering: the sum is exact, see
 # format.mean_offset), which the double-quant kernel reads and zeroes: no pass over absmax of its own. Masks are
