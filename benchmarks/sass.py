@@ -85,7 +85,7 @@ def _quantize(x: str, fp4: bool, words: bool = False) -> tuple:
     """words: bf16 loaded as pair words (x 4-byte aligned)."""
     ptrs = dict(x_ptr=x, tables_ptr="*i32" if fp4 else "*i64", rcp_delta_ptr="*i32", data_ptr="*u8", absmax_ptr=_FP32,
                 sums_ptr="*fp64")  # fmt: skip
-    nb = quantize._ELEMENTS_PER_PROGRAM // 64
+    nb = (quantize._FP4_ELEMENTS_PER_PROGRAM if fp4 else quantize._ELEMENTS_PER_PROGRAM) // 64
     consts = dict(BLOCKSIZE=64, NB=nb, NTHRESHOLDS=7, SIGN_MAGNITUDE=fp4, BUCKETS=quantize._BUCKETS, PARTIAL=False,
                   BF16_WORDS=words, SUMS=True, G=quantize._SUM_SLOTS, THREADS=32 * quantize._NUM_WARPS)  # fmt: skip
     return quantize._quantize_kernel, ptrs, consts, quantize._NUM_WARPS, 3

@@ -29,10 +29,12 @@ from torch.library import wrap_triton
 from nf4 import codebook, format
 from nf4.kernels.common import ampere_or_newer, flush, interpreted, reciprocal_approx, stream_zeros
 
-# 32 elements a thread (2 warps: the table's 64 entries are stored one a thread). H200, the 4-bit pass x its floor
-# at elements a program / warps (docs/BENCHMARKS.md, "Twenty-fourth session"): 4096x4096 1024 / 2 1.35, 2048 / 2
-# 1.31, 4096 / 2 1.31, 4096 / 4 1.31, 8192 / 4 1.33; 28672x8192 1.16, 1.11, 1.09, 1.11, 1.08.
-_ELEMENTS_PER_PROGRAM = 2048
+# 64 elements a thread (2 warps: the table's 64 entries are stored one a thread). H200, the whole quantize x its
+# floor at elements a program / warps (docs/BENCHMARKS.md, "Twenty-fifth session", split table): 4096x4096 1024 / 2
+# 1.69, 2048 / 2 1.54-1.63, 4096 / 2 1.60, 4096 / 4 1.70; 28672x8192 1.29, 1.19-1.20, 1.15, 1.25. fp4, whose encode
+# compares against each of its 7 thresholds in Triton, keeps 2048 (at 4096, 252 registers a thread against 128).
+_ELEMENTS_PER_PROGRAM = 4096
+_FP4_ELEMENTS_PER_PROGRAM = 2048
 _NUM_WARPS = 2
 # The mean of absmax: the 4-bit pass's programs add into _SUM_SLOTS float64 sums (program i into slot i mod
 # _SUM_SLOTS), which every double-quant program adds up; _NESTED_PER_PROGRAM nested blocks (of 256) a program.
@@ -400,7 +402,7 @@ def quantize_4bit(
     full = n // blocksize  # whole blocks; a partial last block is launched on its own
     data = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=tensor.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=tensor.device)
-    nb = max(1, _ELEMENTS_PER_PROGRAM // blocksize)
+    nb = max(1, (_FP4_ELEMENTS_PER_PROGRAM if quant_type == "fp4" else _ELEMENTS_PER_PROGRAM) // blocksize)
     args = (tensor, _tables(quant_type, tensor.device), _rcp_delta(tensor.device), data, absmax, sums, n)
     consts = dict(
         BLOCKSIZE=blocksize, NTHRESHOLDS=len(codebook.FP4_MAGNITUDE_THRESHOLDS), SIGN_MAGNITUDE=quant_type == "fp4",
