@@ -165,14 +165,14 @@ def test_double_quantize_zeroes_its_sums_when_its_launch_fails(monkeypatch: pyte
     monkeypatch.setattr(common, "_ZEROED", {})
     x = torch.randn(64 * 40)
 
-    wrap = kquantize.wrap_triton
+    launch = kquantize.run
 
-    def failing(kernel: object) -> object:  # the pass adds into the sums; the kernel that zeroes them fails
-        if kernel is kquantize._double_quantize_kernel:
+    def failing(kernel: object, *args: object, **consts: object) -> None:  # the pass adds into the sums; the
+        if kernel is kquantize._double_quantize_kernel:  # kernel that zeroes them fails
             raise RuntimeError("launch failed")
-        return wrap(kernel)
+        launch(kernel, *args, **consts)
 
-    monkeypatch.setattr(kquantize, "wrap_triton", failing)
+    monkeypatch.setattr(kquantize, "run", failing)
     with pytest.raises(RuntimeError, match="launch failed"):
         kquantize.quantize(x, "nf4", 64, double_quant=True)
     sums, counter = kquantize._scratch(x.device)

@@ -317,7 +317,7 @@ def quantize(
     q = QuantizedTensor(
         data=data,
         absmax=absmax,
-        quant_map=codebook.levels(quant_type).to(flat.device),
+        quant_map=_levels(quant_type, flat.device),
         quant_type=quant_type,
         blocksize=blocksize,
         shape=tensor.shape,
@@ -329,6 +329,16 @@ def quantize(
 # ------------------------------------------------------------------------------------ double quantization
 
 _DYNAMIC_MAP: dict[torch.device, torch.Tensor] = {}
+_LEVELS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _levels(quant_type: str, device: torch.device) -> torch.Tensor:
+    """A fresh copy of the 16 levels on ``device``, cloned from one kept per device: a device-to-device copy, where
+    building them on the host and copying them over waited on the host (~10-20 us a quantize on a GPU)."""
+    key = (quant_type, device)
+    if key not in _LEVELS:
+        _LEVELS[key] = codebook.levels(quant_type).to(device)
+    return _LEVELS[key].clone()
 
 
 def _dynamic_map(device: torch.device) -> torch.Tensor:

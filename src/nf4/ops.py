@@ -269,21 +269,21 @@ def quantize(
     format._check_options(quant_type, blocksize)
     data, absmax, nested_absmax, offset = torch.ops.nf4.quantize(tensor.detach(), quant_type, blocksize, double_quant)
     # NaN/Inf anywhere makes its block's absmax, and so the mean of absmax, non-finite: one host read checks both.
-    amax = absmax if not double_quant else None
-    finite = math.isfinite(offset.item()) if double_quant else bool(torch.isfinite(amax).all())
+    nested_offset = offset.item() if double_quant else None
+    finite = math.isfinite(nested_offset) if double_quant else bool(torch.isfinite(absmax).all())
     if not finite:
         raise FormatError("cannot quantize NaN or Inf values")
     return QuantizedTensor(
         data=data,
         absmax=absmax,
-        quant_map=format.codebook.levels(quant_type).to(tensor.device),
+        quant_map=format._levels(quant_type, tensor.device),
         quant_type=quant_type,
         blocksize=blocksize,
         shape=tensor.shape,
         dtype=tensor.dtype,
         nested_absmax=nested_absmax if double_quant else None,
         nested_quant_map=format._dynamic_map(tensor.device) if double_quant else None,
-        nested_offset=offset.item() if double_quant else None,
+        nested_offset=nested_offset,
     )
 
 

@@ -24,10 +24,9 @@ import threading
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from nf4 import codebook, format
-from nf4.kernels.common import ampere_or_newer, flush, interpreted, reciprocal_approx, stream_zeros
+from nf4.kernels.common import ampere_or_newer, flush, interpreted, reciprocal_approx, run, stream_zeros
 
 # 64 elements a thread (2 warps: the table's 64 entries are stored one a thread). H200, the whole quantize x its
 # floor at elements a program / warps (docs/BENCHMARKS.md, "Twenty-fifth session", split table): 4096x4096 1024 / 2
@@ -403,20 +402,20 @@ def quantize_4bit(
     data = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=tensor.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=tensor.device)
     nb = max(1, (_FP4_ELEMENTS_PER_PROGRAM if quant_type == "fp4" else _ELEMENTS_PER_PROGRAM) // blocksize)
-    args = (tensor, _tables(quant_type, tensor.device), _rcp_delta(tensor.device), data, absmax, sums, n)
+    # (without sums, absmax stands in: the kernel's SUMS=False never reads it)
+    args = (tensor, _tables(quant_type, tensor.device), _rcp_delta(tensor.device), data, absmax,
+            absmax if sums is None else sums, n)  # fmt: skip
     consts = dict(
         BLOCKSIZE=blocksize, NTHRESHOLDS=len(codebook.FP4_MAGNITUDE_THRESHOLDS), SIGN_MAGNITUDE=quant_type == "fp4",
         BUCKETS=_BUCKETS, SUMS=sums is not None, G=_SUM_SLOTS, INTERPRETED=interpreted(),
     )  # fmt: skip
     if full:
         words = tensor.dtype == torch.bfloat16 and tensor.data_ptr() % 4 == 0 and ampere_or_newer(tensor.device)
-        wrap_triton(_quantize_kernel)[(triton.cdiv(full, nb),)](
-            *args, 0, full, NB=nb, PARTIAL=False, BF16_WORDS=words, THREADS=32 * _NUM_WARPS, num_warps=_NUM_WARPS,
-            **consts,
-        )  # fmt: skip
+        run(_quantize_kernel, (triton.cdiv(full, nb),), *args, 0, full, NB=nb, PARTIAL=False, BF16_WORDS=words,
+            THREADS=32 * _NUM_WARPS, num_warps=_NUM_WARPS, **consts)  # fmt: skip
     if full < nblocks:
-        wrap_triton(_quantize_kernel)[(1,)](*args, full, nblocks, NB=1, PARTIAL=True, BF16_WORDS=False, THREADS=128,
-                                            num_warps=4, **consts)  # fmt: skip
+        run(_quantize_kernel, (1,), *args, full, nblocks, NB=1, PARTIAL=True, BF16_WORDS=False, THREADS=128,
+            num_warps=4, **consts)  # fmt: skip
     return data, absmax
 
 
@@ -429,11 +428,10 @@ def _double_quantize(
     nested_absmax = torch.empty(nnested, dtype=torch.float32, device=absmax.device)
     offset = torch.empty((), dtype=torch.float32, device=absmax.device)
     try:
-        wrap_triton(_double_quantize_kernel)[(triton.cdiv(nnested, _NESTED_PER_PROGRAM),)](
-            absmax, sums, counter, _dq_table(absmax.device), _rcp_delta(absmax.device), codes, nested_absmax, offset,
-            nblocks, G=_SUM_SLOTS, NBN=_NESTED_PER_PROGRAM, KEY_MIN=_DQ_KEY_MIN, SIDE=_DQ_SIDE,
-            INTERPRETED=interpreted(), num_warps=4,
-        )  # fmt: skip
+        run(_double_quantize_kernel, (triton.cdiv(nnested, _NESTED_PER_PROGRAM),), absmax, sums, counter,
+            _dq_table(absmax.device), _rcp_delta(absmax.device), codes, nested_absmax, offset, nblocks,
+            G=_SUM_SLOTS, NBN=_NESTED_PER_PROGRAM, KEY_MIN=_DQ_KEY_MIN, SIDE=_DQ_SIDE, INTERPRETED=interpreted(),
+            num_warps=4)  # fmt: skip
     except BaseException:
         sums.zero_()  # the kernel that zeroes them did not run
         counter.zero_()
