@@ -54,12 +54,12 @@ def _gemv_tc(x: str, m: int, split_k: int, double_quant: bool, bias: bool, sum_i
     return gemv_tc._gemv_tc_kernel, ptrs, consts, gemv_tc.BLOCK_N // 16, 3, {"maxnreg": gemv_tc.MAX_REGISTERS}
 
 
-def _gemv_tcm(x: str, m: int, split_k: int, double_quant: bool, bias: bool) -> tuple:
+def _gemv_tcm(x: str, m: int, split_k: int, double_quant: bool, bias: bool, groups: int = 1) -> tuple:
     ptrs = dict(x_ptr="*i32", data_ptr="*i32", bias_ptr=x, out_ptr=x, partial_ptr=_FP32, **_scales(double_quant))
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, HAS_BIAS=bias, X_KIND=0 if x == "*bf16" else 1,
-                  BLOCK_N=gemv_tcm.BLOCK_N, SPLIT_K=split_k, HALVES=2 if m > 8 else 1,
+                  BLOCK_N=gemv_tcm.BLOCK_N, SPLIT_K=split_k, HALVES=2 if m > 8 else 1, GROUPS=groups,
                   XS=m > 8)  # fmt: skip
-    max_registers = gemv_tcm._occupancy(m)[1]
+    max_registers = gemv_tcm._occupancy(m, groups)[1]
     return gemv_tcm._gemv_tcm_kernel, ptrs, consts, gemv_tcm.BLOCK_N // 16, 3, {"maxnreg": max_registers}
 
 
@@ -119,6 +119,8 @@ BUILDS = {
     "gemv-tcm-bf16-m8-split4-dq": _gemv_tcm("*bf16", 8, 4, True, False),
     "gemv-tcm-fp16-m16-plain-bias": _gemv_tcm("*fp16", 16, 1, False, True),
     "gemv-tcm-bf16-m16-split4-dq": _gemv_tcm("*bf16", 16, 4, True, False),
+    "gemv-tcm-bf16-m16-split4-dq-groups2": _gemv_tcm("*bf16", 16, 4, True, False, 2),
+    "gemv-tcm-fp16-m12-plain-bias-groups2": _gemv_tcm("*fp16", 12, 1, False, True, 2),
     "mma-bf16-m16-rows128-dq": _mma("*bf16", 16, 128, 4, True),
     "mma-fp16-m64-rows64-plain": _mma("*fp16", 64, 64, 1, False),
     "dequantize-bf16-dq": _dequantize("*bf16", True, False),

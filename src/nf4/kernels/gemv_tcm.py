@@ -20,6 +20,11 @@ bound by those ALU instructions (tenth session's profile).
   x tile once (cp.async, a step ahead) and its warps read their fragments there, instead of each of the 8 warps
   loading the same x (twenty-second session, H200: 3-10% faster at M = 16; without any x loads at all, a bound,
   M = 16 took 35% less time on 28672x8192).
+- From M = 9 on weights of GROUPS2_MIN_PARAMS and up a program has two groups of 128 rows (each warp 16 rows of
+  each), and a block's x fragments, loaded once, feed both: half the x reads a weight, which had taken as many
+  shared-memory wavefronts as the table lookups. 2 programs an SM at 128 registers (8-16 spill bytes under Triton
+  3.6). H200, twenty-fifth session, M = 16 against one group: 28672x8192 0.0783 ms against 0.0860, 8192x28672
+  0.0699 / 0.0776, 14336x4096 0.0237 / 0.0264, 4096x14336 0.0239 / 0.0257; 4096x4096 0.0122 / 0.0121 (one group).
 
 H200, one process, CUDA graphs, against mma.py (docs/BENCHMARKS_GPU.md, fourteenth session): M = 2 on 28672x8192
 0.0734 ms against 0.1036 (bf16 0.1087), 8192x28672 0.0685 against 0.1019; M = 8 0.0851 / 0.0766 against
@@ -45,7 +50,10 @@ from nf4.kernels.common import load_absmax as _absmax
 from nf4.kernels.gemv import _load16
 from nf4.kernels.gemv_tc import _from_quad, _lookup4, _mma, _table, best_split
 
-BLOCK_N = 128  # rows of W a program (8 warps)
+BLOCK_N = 128  # rows of W a group (8 warps); a program has one group, or two
+# Weights from which M = 9-16 take two groups a program (each warp 32 rows, x's fragments loaded once for both):
+# H200, twenty-fifth session, 7-10% faster on 14336x4096 and up, 2% slower on 4096x4096.
+GROUPS2_MIN_PARAMS = 1 << 25
 # Weights from which M = 9-16 read x through shared memory (_x_buffers): 3-10% faster on 4096x4096 and up
 # (H200, twenty-second session), 2.5% slower on 1024x4096; 5-25% slower at M = 5-8, whose loads of x are half.
 XS_MIN_PARAMS = 1 << 23
@@ -56,11 +64,13 @@ MAX_M = 16
 @dataclass(frozen=True)
 class GemvTcmConfig:
     """K cut into split_k slices (0: chosen so that the items fill the grid in whole rounds); programs an SM and
-    the register cap that lets them fit (0: by M, see the module docstring)."""
+    the register cap that lets them fit; row groups a program, 1 or 2 (0: by M and size, see the module
+    docstring)."""
 
     split_k: int = 0
     programs_per_sm: int = 0
     max_registers: int = 0
+    groups: int = 0
 
 
 def supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
@@ -140,15 +150,26 @@ def _x_row(x_ptr, mask, xs, XS: tl.constexpr, INTERPRETED: tl.constexpr):
     return w0, w1, w2, w3, w4, w5, w6, w7
 
 
-# One block: the lane's codes of rows a and b (2 words each), its 16 elements of x rows g (and g + 8, HALVES = 2)
-# from global memory or (XS) from the staged tile at shared addresses xs_a / xs_b, 4 mmas (8). mma j takes bytes
-# 2j and 2j + 1 of the lane's 8: its k = 2t, 2t + 1 are byte 2j's elements, and x word 2j holds the same two
-# elements; k = 2t + 8, 2t + 9 are byte 2j + 1's.
+# The lane's x fragments for one block: x rows g and (HALVES = 2) g + 8, 8 words each, from global memory or (XS)
+# from the staged tile at shared addresses xs_a / xs_b; the second row's words are the first's where HALVES = 1.
 @triton.jit
-def _block(wa0, wa1, wb0, wb1, x_ptr, xm, x_ptr2, xm2, xs_a, xs_b, lane8, base, quant_map_ptr, NW: tl.constexpr,
-           X_KIND: tl.constexpr, HALVES: tl.constexpr, XS: tl.constexpr, INTERPRETED: tl.constexpr):  # fmt: skip
-    zero = tl.zeros(wa0.shape, tl.float32)
+def _x_frags(x_ptr, xm, x_ptr2, xm2, xs_a, xs_b, HALVES: tl.constexpr, XS: tl.constexpr, INTERPRETED: tl.constexpr):
     x0, x1, x2, x3, x4, x5, x6, x7 = _x_row(x_ptr, xm, xs_a, XS, INTERPRETED)
+    if HALVES == 2:
+        y0, y1, y2, y3, y4, y5, y6, y7 = _x_row(x_ptr2, xm2, xs_b, XS, INTERPRETED)
+    else:
+        y0, y1, y2, y3, y4, y5, y6, y7 = x0, x1, x2, x3, x4, x5, x6, x7
+    return x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2, y3, y4, y5, y6, y7
+
+
+# One block of one 16-row group: the lane's codes of rows a and b (2 words each) against its x fragments (x rows g,
+# and g + 8 where HALVES = 2), 4 mmas (8). mma j takes bytes 2j and 2j + 1 of the lane's 8: its k = 2t, 2t + 1 are
+# byte 2j's elements, and x word 2j holds the same two elements; k = 2t + 8, 2t + 9 are byte 2j + 1's.
+@triton.jit
+def _block(wa0, wa1, wb0, wb1, x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2, y3, y4, y5, y6, y7, lane8, base,
+           quant_map_ptr, NW: tl.constexpr, X_KIND: tl.constexpr, HALVES: tl.constexpr,
+           INTERPRETED: tl.constexpr):  # fmt: skip
+    zero = tl.zeros(wa0.shape, tl.float32)
     a0, a1, a2, a3 = _lookup4(wa0, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
     a4, a5, a6, a7 = _lookup4(wa1, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
     b0, b1, b2, b3 = _lookup4(wb0, lane8, base, quant_map_ptr, X_KIND, INTERPRETED)
@@ -158,7 +179,6 @@ def _block(wa0, wa1, wb0, wb1, x_ptr, xm, x_ptr2, xm2, xs_a, xs_b, lane8, base, 
     c0, c1, c2, c3 = _mma(a4, b4, a5, b5, x4, x5, c0, c1, c2, c3, NW, X_KIND, INTERPRETED)
     c0, c1, c2, c3 = _mma(a6, b6, a7, b7, x6, x7, c0, c1, c2, c3, NW, X_KIND, INTERPRETED)
     if HALVES == 2:
-        y0, y1, y2, y3, y4, y5, y6, y7 = _x_row(x_ptr2, xm2, xs_b, XS, INTERPRETED)
         d0, d1, d2, d3 = _mma(a0, b0, a1, b1, y0, y1, zero, zero, zero, zero, NW, X_KIND, INTERPRETED)
         d0, d1, d2, d3 = _mma(a2, b2, a3, b3, y2, y3, d0, d1, d2, d3, NW, X_KIND, INTERPRETED)
         d0, d1, d2, d3 = _mma(a4, b4, a5, b5, y4, y5, d0, d1, d2, d3, NW, X_KIND, INTERPRETED)
@@ -166,6 +186,26 @@ def _block(wa0, wa1, wb0, wb1, x_ptr, xm, x_ptr2, xm2, xs_a, xs_b, lane8, base, 
     else:
         d0, d1, d2, d3 = zero, zero, zero, zero
     return c0, c1, c2, c3, d0, d1, d2, d3
+
+
+# One group's 8 sums (W rows a, b against x rows 2t, 2t + 1 and, HALVES = 2, 2t + 8, 2t + 9) out.
+@triton.jit
+def _out_group(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, t, row_a, N, M, slice_ptr, bias_ptr, out_ptr,
+               HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, HALVES: tl.constexpr,
+               INTERPRETED: tl.constexpr):  # fmt: skip
+    m0 = 2 * t
+    row_b = row_a + 8
+    own_a = row_a < N
+    own_b = row_b < N
+    _out_rows(acc0, m0, row_a, own_a, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, SPLIT, INTERPRETED)
+    _out_rows(acc1, m0 + 1, row_a, own_a, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, SPLIT, INTERPRETED)
+    _out_rows(acc2, m0, row_b, own_b, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, SPLIT, INTERPRETED)
+    _out_rows(acc3, m0 + 1, row_b, own_b, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, SPLIT, INTERPRETED)
+    if HALVES == 2:
+        _out_rows(acc4, m0 + 8, row_a, own_a, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, SPLIT, INTERPRETED)
+        _out_rows(acc5, m0 + 9, row_a, own_a, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, SPLIT, INTERPRETED)
+        _out_rows(acc6, m0 + 8, row_b, own_b, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, SPLIT, INTERPRETED)
+        _out_rows(acc7, m0 + 9, row_b, own_b, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, SPLIT, INTERPRETED)
 
 
 # One output row's sums of W rows `rows` against x row m: to the slice's partial rows (SPLIT), or out (+ bias).
@@ -199,7 +239,8 @@ def _gemv_tcm_kernel(
     x_ptr, data_ptr, absmax_ptr, quant_map_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
     bias_ptr, out_ptr, partial_ptr, M, N, K, stride_xw, per,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, HALVES: tl.constexpr, XS: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, HALVES: tl.constexpr, GROUPS: tl.constexpr, XS: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     THREADS: tl.constexpr = BLOCK_N * 2  # 16 rows a warp
     NW: tl.constexpr = THREADS // 32
@@ -211,13 +252,14 @@ def _gemv_tcm_kernel(
     wpr = K // 8  # int32 words of codes a row
     bpr = K // BLOCKSIZE
     steps = tl.cdiv(K, 128)
-    n_tiles = tl.cdiv(N, BLOCK_N)
+    n_tiles = tl.cdiv(N, BLOCK_N * GROUPS)
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     total = tl.cdiv(n_tiles * SPLIT_K - pid, G) * per  # this program's steps
     lane8 = lane * 8
     zero = tl.zeros([THREADS], tl.float32)
     base = _table(quant_map_ptr, i, NW, X_KIND, INTERPRETED)
+    G2: tl.constexpr = BLOCK_N  # the second group's rows are BLOCK_N on from the first's
 
     acc0 = zero
     acc1 = zero
@@ -227,13 +269,26 @@ def _gemv_tcm_kernel(
     acc5 = zero
     acc6 = zero
     acc7 = zero
+    if GROUPS == 2:
+        acc8 = zero
+        acc9 = zero
+        acc10 = zero
+        acc11 = zero
+        acc12 = zero
+        acc13 = zero
+        acc14 = zero
+        acc15 = zero
     item = pid
     tile = pid % n_tiles
     sl = pid // n_tiles
     step_in = 0
-    row_a = tile * BLOCK_N + warp * 16 + g
+    row_a = tile * (BLOCK_N * GROUPS) + warp * 16 + g
     pa = data_ptr + row_a.to(tl.int64) * wpr + 2 * t
-    na0, na1, nb0, nb1, nc0, nc1, nd0, nd1 = _step_codes(pa, sl * per, wpr, i * 0 + total > 0, row_a, N, INTERPRETED)
+    live = i * 0 + total > 0
+    na0, na1, nb0, nb1, nc0, nc1, nd0, nd1 = _step_codes(pa, sl * per, wpr, live, row_a, N, INTERPRETED)
+    if GROUPS == 2:
+        ma0, ma1, mb0, mb1, mc0, mc1, md0, md1 = _step_codes(pa + G2 * wpr, sl * per, wpr, live, row_a + G2, N,
+                                                             INTERPRETED)  # fmt: skip
     xa = x_ptr + g * stride_xw + 8 * t  # x row g (the mma's column g), and row g + 8 for the second n8 mma
     xb = xa + 8 * stride_xw
     XS_ROW: tl.constexpr = 272  # bytes a staged x row; _x_buffers holds two buffers of 16 rows
@@ -244,7 +299,7 @@ def _gemv_tcm_kernel(
         st_chunk = i % 16
         st_src = x_ptr + tl.minimum(st_row, M - 1) * stride_xw + st_chunk * 4
         st_dst = xs0 + st_row * XS_ROW + st_chunk * 16
-        _stage(st_dst, st_src, st_row, st_chunk, sl * per, i * 0 + total > 0, M, K)
+        _stage(st_dst, st_src, st_row, st_chunk, sl * per, live, M, K)
         rd_a = g * XS_ROW + 32 * t
     else:
         xs0 = i * 0
@@ -255,9 +310,10 @@ def _gemv_tcm_kernel(
             cur = _wait_staged(xs0 + (it % 2) * XS_BUF)
         else:
             cur = i * 0
-        row_a = tile * BLOCK_N + warp * 16 + g
-        row_b = row_a + 8
+        row_a = tile * (BLOCK_N * GROUPS) + warp * 16 + g
         qa0, qa1, qb0, qb1, qc0, qc1, qd0, qd1 = na0, na1, nb0, nb1, nc0, nc1, nd0, nd1
+        if GROUPS == 2:
+            ua0, ua1, ub0, ub1, uc0, uc1, ud0, ud1 = ma0, ma1, mb0, mb1, mc0, mc1, md0, md1
         # the next step's codes (the next item's first at an item's end) are loaded before this step computes
         if step_in + 1 < per:
             item1 = item
@@ -271,21 +327,28 @@ def _gemv_tcm_kernel(
             tile1 = item1 % n_tiles
             sl1 = item1 // n_tiles
             step1 = 0
-            r1 = tile1 * BLOCK_N + warp * 16 + g
+            r1 = tile1 * (BLOCK_N * GROUPS) + warp * 16 + g
             pa1 = data_ptr + r1.to(tl.int64) * wpr + 2 * t
         s1 = sl1 * per + step1
         live = (i * 0 + it + 1 < total) & (i * 0 + s1 < steps)
         na0, na1, nb0, nb1, nc0, nc1, nd0, nd1 = _step_codes(pa1, s1, wpr, live, r1, N, INTERPRETED)
+        if GROUPS == 2:
+            ma0, ma1, mb0, mb1, mc0, mc1, md0, md1 = _step_codes(pa1 + G2 * wpr, s1, wpr, live, r1 + G2, N,
+                                                                 INTERPRETED)  # fmt: skip
         if XS:  # the next step's tile into the other buffer (free: every thread passed this step's barrier)
             _stage(st_dst + ((it + 1) % 2) * XS_BUF, st_src, st_row, st_chunk, s1, live, M, K)
-        # the step's 4 absmax (rows a, b x its 2 blocks), one a lane: lane t decodes row a (t even) or b (t odd)
-        # of block t // 2, and its quad shares them. Until the twenty-second session each lane decoded all 4:
-        # 418 SASS instructions a step at M = 16 with double quant (Triton 3.6), now 351 (M = 8: 363 -> 298),
+        # the step's 4 absmax a group (rows a, b x its 2 blocks), one a lane: lane t decodes row a (t even) or b
+        # (t odd) of block t // 2, and its quad shares them. Until the twenty-second session each lane decoded all
+        # 4: 418 SASS instructions a step at M = 16 with double quant (Triton 3.6), then 351 (M = 8: 363 -> 298),
         # and 5-13% faster at M = 5-16 on Llama shapes (H200, docs/BENCHMARKS_GPU.md), same bits
         row_t = row_a + 8 * (t % 2)
         e_t = s * 128 + 64 * (t // 2)
         am = _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
                      row_t * bpr + e_t // BLOCKSIZE, (e_t < K) & (row_t < N), DOUBLE_QUANT, INTERPRETED)  # fmt: skip
+        if GROUPS == 2:
+            am2 = _absmax(absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, nested_offset_ptr,
+                          (row_t + G2) * bpr + e_t // BLOCKSIZE, (e_t < K) & (row_t + G2 < N), DOUBLE_QUANT,
+                          INTERPRETED)  # fmt: skip
         for half in tl.static_range(2):  # the step's two blocks
             e = s * 128 + 64 * half
             inside = (i * 0 + e) < K
@@ -293,11 +356,14 @@ def _gemv_tcm_kernel(
                 wa0, wa1, wb0, wb1 = qa0, qa1, qb0, qb1
             else:
                 wa0, wa1, wb0, wb1 = qc0, qc1, qd0, qd1
-            c0, c1, c2, c3, d0, d1, d2, d3 = _block(
-                wa0, wa1, wb0, wb1, xa + e // 2, inside & (g < M), xb + e // 2, inside & (g + 8 < M),
-                cur + rd_a + 128 * half, cur + rd_a + 8 * XS_ROW + 128 * half, lane8, base, quant_map_ptr, NW, X_KIND,
-                HALVES, XS, INTERPRETED,
+            # x's fragments once, for both groups
+            x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2, y3, y4, y5, y6, y7 = _x_frags(
+                xa + e // 2, inside & (g < M), xb + e // 2, inside & (g + 8 < M), cur + rd_a + 128 * half,
+                cur + rd_a + 8 * XS_ROW + 128 * half, HALVES, XS, INTERPRETED,
             )  # fmt: skip
+            c0, c1, c2, c3, d0, d1, d2, d3 = _block(wa0, wa1, wb0, wb1, x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2, y3,
+                                                    y4, y5, y6, y7, lane8, base, quant_map_ptr, NW, X_KIND, HALVES,
+                                                    INTERPRETED)  # fmt: skip
             am_a = _from_quad(am, 2 * half, NW, INTERPRETED)
             am_b = _from_quad(am, 2 * half + 1, NW, INTERPRETED)
             acc0 += am_a * c0
@@ -309,25 +375,30 @@ def _gemv_tcm_kernel(
                 acc5 += am_a * d1
                 acc6 += am_b * d2
                 acc7 += am_b * d3
+            if GROUPS == 2:
+                if half == 0:
+                    va0, va1, vb0, vb1 = ua0, ua1, ub0, ub1
+                else:
+                    va0, va1, vb0, vb1 = uc0, uc1, ud0, ud1
+                c0, c1, c2, c3, d0, d1, d2, d3 = _block(va0, va1, vb0, vb1, x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2,
+                                                        y3, y4, y5, y6, y7, lane8, base, quant_map_ptr, NW, X_KIND,
+                                                        HALVES, INTERPRETED)  # fmt: skip
+                am_a = _from_quad(am2, 2 * half, NW, INTERPRETED)
+                am_b = _from_quad(am2, 2 * half + 1, NW, INTERPRETED)
+                acc8 += am_a * c0
+                acc9 += am_a * c1
+                acc10 += am_b * c2
+                acc11 += am_b * c3
+                if HALVES == 2:
+                    acc12 += am_a * d0
+                    acc13 += am_a * d1
+                    acc14 += am_b * d2
+                    acc15 += am_b * d3
         if step_in == per - 1:  # lane (g, t): W rows g (acc0, 1), g + 8 (acc2, 3) against x rows 2t, 2t + 1 (+ 8)
-            m0 = 2 * t
             slice_ptr = partial_ptr + sl * M * N
             split: tl.constexpr = SPLIT_K > 1
-            own_a = row_a < N
-            own_b = row_b < N
-            _out_rows(acc0, m0, row_a, own_a, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split, INTERPRETED)
-            _out_rows(acc1, m0 + 1, row_a, own_a, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split, INTERPRETED)
-            _out_rows(acc2, m0, row_b, own_b, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split, INTERPRETED)
-            _out_rows(acc3, m0 + 1, row_b, own_b, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split, INTERPRETED)
-            if HALVES == 2:
-                _out_rows(acc4, m0 + 8, row_a, own_a, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split,
-                          INTERPRETED)  # fmt: skip
-                _out_rows(acc5, m0 + 9, row_a, own_a, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split,
-                          INTERPRETED)  # fmt: skip
-                _out_rows(acc6, m0 + 8, row_b, own_b, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split,
-                          INTERPRETED)  # fmt: skip
-                _out_rows(acc7, m0 + 9, row_b, own_b, N, M, slice_ptr, bias_ptr, out_ptr, HAS_BIAS, split,
-                          INTERPRETED)  # fmt: skip
+            _out_group(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, t, row_a, N, M, slice_ptr, bias_ptr, out_ptr,
+                       HAS_BIAS, split, HALVES, INTERPRETED)  # fmt: skip
             acc0 = zero
             acc1 = zero
             acc2 = zero
@@ -336,6 +407,17 @@ def _gemv_tcm_kernel(
             acc5 = zero
             acc6 = zero
             acc7 = zero
+            if GROUPS == 2:
+                _out_group(acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15, t, row_a + G2, N, M, slice_ptr,
+                           bias_ptr, out_ptr, HAS_BIAS, split, HALVES, INTERPRETED)  # fmt: skip
+                acc8 = zero
+                acc9 = zero
+                acc10 = zero
+                acc11 = zero
+                acc12 = zero
+                acc13 = zero
+                acc14 = zero
+                acc15 = zero
         item = item1
         tile = tile1
         sl = sl1
@@ -343,17 +425,21 @@ def _gemv_tcm_kernel(
         pa = pa1
 
 
-def _occupancy(m: int) -> tuple[int, int]:
-    """(programs an SM, register cap) for m rows of x: one n8 mma a k16 up to 8 rows, two beyond."""
+def _occupancy(m: int, groups: int) -> tuple[int, int]:
+    """(programs an SM, register cap) for m rows of x: one n8 mma a k16 up to 8 rows, two beyond; two groups hold
+    twice the accumulators and codes."""
+    if groups == 2:
+        return 2, 128
     return (4, 64) if m <= 8 else (3, 80)
 
 
 @functools.cache  # a decode step asks for the same few shapes every token
 def default_config(n: int, k: int, m: int, device: torch.device) -> GemvTcmConfig:
-    """gemv_tc's best_split over 128-element steps, at the occupancy for m rows."""
-    programs_per_sm, max_registers = _occupancy(m)
-    split_k = best_split(-(-n // BLOCK_N), -(-k // 128), programs(device, programs_per_sm))
-    return GemvTcmConfig(split_k, programs_per_sm, max_registers)
+    """gemv_tc's best_split over 128-element steps, at the occupancy for m rows and the groups for the size."""
+    groups = 2 if m > 8 and n * k >= GROUPS2_MIN_PARAMS else 1
+    programs_per_sm, max_registers = _occupancy(m, groups)
+    split_k = best_split(-(-n // (BLOCK_N * groups)), -(-k // 128), programs(device, programs_per_sm))
+    return GemvTcmConfig(split_k, programs_per_sm, max_registers, groups)
 
 
 def gemv_tcm(
@@ -375,8 +461,9 @@ def gemv_tcm(
     default = default_config(n, k, m, x.device)
     config = config or default
     split_k = config.split_k or default.split_k
-    programs_per_sm = config.programs_per_sm or default.programs_per_sm
-    max_registers = config.max_registers or default.max_registers
+    groups = config.groups or default.groups
+    programs_per_sm = config.programs_per_sm or _occupancy(m, groups)[0]
+    max_registers = config.max_registers or _occupancy(m, groups)[1]
     if x.stride(1) != 1 or x.storage_offset() % 8 or x.stride(0) % 8:  # 16-byte loads of x's rows
         x = x.clone(memory_format=torch.contiguous_format)
     codes = data.reshape(-1)
@@ -385,7 +472,7 @@ def gemv_tcm(
     steps = -(-k // 128)
     per = -(-steps // min(split_k, steps))
     split_k = -(-steps // per)  # no empty slices
-    items = -(-n // BLOCK_N) * split_k
+    items = -(-n // (BLOCK_N * groups)) * split_k
     rounds = -(-items // programs(x.device, programs_per_sm))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if split_k > 1:
@@ -402,7 +489,7 @@ def gemv_tcm(
         x.stride(0) // 2, per,
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         X_KIND=0 if x.dtype == torch.bfloat16 else 1, BLOCK_N=BLOCK_N, SPLIT_K=split_k, HALVES=2 if m > 8 else 1,
-        XS=m > 8 and n * k >= XS_MIN_PARAMS and not interpreted(),
+        GROUPS=groups, XS=m > 8 and n * k >= XS_MIN_PARAMS and not interpreted(),
         INTERPRETED=interpreted(), num_warps=BLOCK_N // 16, **options,
     )  # fmt: skip
     if split_k > 1:
