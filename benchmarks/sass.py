@@ -121,6 +121,7 @@ BUILDS = {
     "gemv-tcm-bf16-m16-split4-dq": _gemv_tcm("*bf16", 16, 4, True, False),
     "gemv-tcm-bf16-m16-split4-dq-groups2": _gemv_tcm("*bf16", 16, 4, True, False, 2),
     "gemv-tcm-fp16-m12-plain-bias-groups2": _gemv_tcm("*fp16", 12, 1, False, True, 2),
+    "gemv-tcm-bf16-m8-split4-dq-groups2": _gemv_tcm("*bf16", 8, 4, True, False, 2),
     "mma-bf16-m16-rows128-dq": _mma("*bf16", 16, 128, 4, True),
     "mma-fp16-m64-rows64-plain": _mma("*fp16", 64, 64, 1, False),
     "dequantize-bf16-dq": _dequantize("*bf16", True, False),

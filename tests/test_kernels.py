@@ -401,12 +401,15 @@ def test_best_split_fills_the_8b_gate_projection_with_4_slices() -> None:
 # (The interpreter takes ~3 s a call: each M with one config.)
 GEMV_TCM_RUNS = [(2, None), (7, kgemv_tcm.GemvTcmConfig(split_k=1)),
                  (9, kgemv_tcm.GemvTcmConfig(split_k=2, programs_per_sm=1)), (16, None),
-                 (12, kgemv_tcm.GemvTcmConfig(split_k=2, programs_per_sm=1, groups=2))]  # fmt: skip
+                 (12, kgemv_tcm.GemvTcmConfig(split_k=2, programs_per_sm=1, groups=2)),
+                 (6, kgemv_tcm.GemvTcmConfig(groups=2))]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", GEMV_TC_CASES)
 @pytest.mark.parametrize(
-    "run", GEMV_TCM_RUNS, ids=["m2-default", "m7-split1", "m9-split2-one-program", "m16-default", "m12-two-groups"]
+    "run",
+    GEMV_TCM_RUNS,
+    ids=["m2-default", "m7-split1", "m9-split2-one-program", "m16-default", "m12-two-groups", "m6-two-groups"],
 )
 def test_gemv_tcm_matches_dequantize_then_fp32_matmul(case: tuple, run: tuple) -> None:
     m, config = run

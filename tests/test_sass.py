@@ -45,7 +45,7 @@ BUILDS = {
     "gemv-tc-bf16-split7-dq", "gemv-tc-fp16-plain-bias", "gemv-tc-bf16-m2-split7-dq",
     "gemv-tc-bf16-m4-split7-dq", "gemv-tc-fp16-m3-plain-bias", "gemv-tcm-bf16-m8-split4-dq",
     "gemv-tcm-fp16-m16-plain-bias", "gemv-tcm-bf16-m16-split4-dq", "gemv-tcm-bf16-m16-split4-dq-groups2",
-    "gemv-tcm-fp16-m12-plain-bias-groups2", "gemv-tc-bf16-split8-dq-sum",
+    "gemv-tcm-fp16-m12-plain-bias-groups2", "gemv-tcm-bf16-m8-split4-dq-groups2", "gemv-tc-bf16-split8-dq-sum",
     "gemv-tc-fp16-m4-split8-plain-bias-sum", "mma-bf16-m16-rows128-dq", "mma-fp16-m64-rows64-plain",
     "dequantize-bf16-dq", "dequantize-fp16-dq-small", "dequantize-fp32-plain", "dequantize-fp32-plain-partial",
     "dequantize-bf16-dq-pre-ampere", "dequantize-fp16-plain-pre-ampere",

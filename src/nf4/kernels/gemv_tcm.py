@@ -20,11 +20,13 @@ bound by those ALU instructions (tenth session's profile).
   x tile once (cp.async, a step ahead) and its warps read their fragments there, instead of each of the 8 warps
   loading the same x (twenty-second session, H200: 3-10% faster at M = 16; without any x loads at all, a bound,
   M = 16 took 35% less time on 28672x8192).
-- From M = 9 on weights of GROUPS2_MIN_PARAMS and up a program has two groups of 128 rows (each warp 16 rows of
-  each), and a block's x fragments, loaded once, feed both: half the x reads a weight, which had taken as many
-  shared-memory wavefronts as the table lookups. 2 programs an SM at 128 registers (8-16 spill bytes under Triton
-  3.6). H200, twenty-fifth session, M = 16 against one group: 28672x8192 0.0783 ms against 0.0860, 8192x28672
-  0.0699 / 0.0776, 14336x4096 0.0237 / 0.0264, 4096x14336 0.0239 / 0.0257; 4096x4096 0.0122 / 0.0121 (one group).
+- On weights of GROUPS2_MIN_PARAMS and up a program has two groups of 128 rows (each warp 16 rows of each), and a
+  block's x fragments, loaded once, feed both: half the x reads a weight (at M = 9-16 they had taken as many
+  shared-memory wavefronts as the table lookups). 2 programs an SM, at 96 registers up to M = 8 (no spills) and 128
+  beyond (8-16 spill bytes under Triton 3.6). H200, twenty-fifth session, against one group: M = 16 28672x8192
+  0.0783 ms against 0.0860, 8192x28672 0.0699 / 0.0776, 14336x4096 0.0237 / 0.0264, 4096x14336 0.0239 / 0.0257
+  (4096x4096, one group: 0.0122 / 0.0121); M = 8 0.0703 / 0.0755, 0.0649 / 0.0706, 0.0218 / 0.0238, 0.0228 /
+  0.0241; M = 5 2-5%.
 
 H200, one process, CUDA graphs, against mma.py (docs/BENCHMARKS_GPU.md, fourteenth session): M = 2 on 28672x8192
 0.0734 ms against 0.1036 (bf16 0.1087), 8192x28672 0.0685 against 0.1019; M = 8 0.0851 / 0.0766 against
@@ -51,8 +53,8 @@ from nf4.kernels.gemv import _load16
 from nf4.kernels.gemv_tc import _from_quad, _lookup4, _mma, _table, best_split
 
 BLOCK_N = 128  # rows of W a group (8 warps); a program has one group, or two
-# Weights from which M = 9-16 take two groups a program (each warp 32 rows, x's fragments loaded once for both):
-# H200, twenty-fifth session, 7-10% faster on 14336x4096 and up, 2% slower on 4096x4096.
+# Weights from which a program takes two groups (each warp 32 rows, x's fragments loaded once for both): H200,
+# twenty-fifth session, M = 16 7-10% faster on 14336x4096 and up, 2% slower on 4096x4096; M = 8 5-8%, M = 5 2-5%.
 GROUPS2_MIN_PARAMS = 1 << 25
 # Weights from which M = 9-16 read x through shared memory (_x_buffers): 3-10% faster on 4096x4096 and up
 # (H200, twenty-second session), 2.5% slower on 1024x4096; 5-25% slower at M = 5-8, whose loads of x are half.
@@ -429,14 +431,14 @@ def _occupancy(m: int, groups: int) -> tuple[int, int]:
     """(programs an SM, register cap) for m rows of x: one n8 mma a k16 up to 8 rows, two beyond; two groups hold
     twice the accumulators and codes."""
     if groups == 2:
-        return 2, 128
+        return (2, 96) if m <= 8 else (2, 128)
     return (4, 64) if m <= 8 else (3, 80)
 
 
 @functools.cache  # a decode step asks for the same few shapes every token
 def default_config(n: int, k: int, m: int, device: torch.device) -> GemvTcmConfig:
     """gemv_tc's best_split over 128-element steps, at the occupancy for m rows and the groups for the size."""
-    groups = 2 if m > 8 and n * k >= GROUPS2_MIN_PARAMS else 1
+    groups = 2 if n * k >= GROUPS2_MIN_PARAMS else 1
     programs_per_sm, max_registers = _occupancy(m, groups)
     split_k = best_split(-(-n // (BLOCK_N * groups)), -(-k // 128), programs(device, programs_per_sm))
     return GemvTcmConfig(split_k, programs_per_sm, max_registers, groups)
