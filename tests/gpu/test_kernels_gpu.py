@@ -181,13 +181,15 @@ def test_matmul_input_gradient() -> None:
 
 
 @pytest.mark.parametrize(
-    "mnk", [(1, 256, 128), (4, 256, 128), (1, 1024, 4096), (1, 8192, 8192), (2, 4096, 4096), (16, 4096, 4096)]
-)
+    "mnk",
+    [(1, 256, 128), (4, 256, 128), (1, 1024, 4096), (1, 8192, 8192), (2, 4096, 4096), (16, 4096, 4096),
+     (16, 8192, 8192)],
+)  # fmt: skip
 def test_compile_fullgraph(mnk: tuple) -> None:
     # M = 1: the FMA kernel with x by plain loads (torch.compile's write analysis rejects inline PTX that takes a
     # pointer), split-K with fresh counters after eager calls made the cached ones (a real tensor in a fake trace
     # failed); one row of a weight of at least MIN_PARAMS and M = 2, 4, 16: the table kernels, through the opaque
-    # nf4::matmul_table, so the same kernels as eager mode and the same bits
+    # nf4::matmul_table, so the same kernels as eager mode and the same bits (8192x8192 at M = 16: two row groups)
     from nf4.kernels import gemv_tc as kgemv_tc
 
     m, n, k = mnk

@@ -12,9 +12,10 @@ from nf4.kernels import common
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not ops.HAS_TRITON, reason="needs CUDA and Triton")
 
-# (rows of x, weight shape): the FMA decode kernel, gemv_tc (1, 2 and 4 rows), gemv_tcm, mma, dequantize + cuBLAS
+# (rows of x, weight shape): the FMA decode kernel, gemv_tc (1, 2 and 4 rows), gemv_tcm (one and two row groups),
+# mma, dequantize + cuBLAS
 ROUTES = [(1, (4096, 4096)), (1, (14336, 4096)), (2, (14336, 4096)), (4, (4096, 4096)), (8, (4096, 4096)),
-          (32, (1024, 4096)), (100, (1024, 4096))]  # fmt: skip
+          (12, (14336, 4096)), (32, (1024, 4096)), (100, (1024, 4096))]  # fmt: skip
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
