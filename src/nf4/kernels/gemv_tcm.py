@@ -190,6 +190,29 @@ def _block(wa0, wa1, wb0, wb1, x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2, y3, y
     return c0, c1, c2, c3, d0, d1, d2, d3
 
 
+# _block's sums added into one group's 8 accumulators, each scaled by its block's absmax: block `half` of rows a
+# and b, decoded by lanes 2 * half and 2 * half + 1 of the quad (am).
+@triton.jit
+def _block_into(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, wa0, wa1, wb0, wb1, x0, x1, x2, x3, x4, x5, x6, x7,
+                y0, y1, y2, y3, y4, y5, y6, y7, am, half: tl.constexpr, lane8, base, quant_map_ptr, NW: tl.constexpr,
+                X_KIND: tl.constexpr, HALVES: tl.constexpr, INTERPRETED: tl.constexpr):  # fmt: skip
+    c0, c1, c2, c3, d0, d1, d2, d3 = _block(wa0, wa1, wb0, wb1, x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2, y3, y4, y5,
+                                            y6, y7, lane8, base, quant_map_ptr, NW, X_KIND, HALVES,
+                                            INTERPRETED)  # fmt: skip
+    am_a = _from_quad(am, 2 * half, NW, INTERPRETED)
+    am_b = _from_quad(am, 2 * half + 1, NW, INTERPRETED)
+    acc0 += am_a * c0
+    acc1 += am_a * c1
+    acc2 += am_b * c2
+    acc3 += am_b * c3
+    if HALVES == 2:
+        acc4 += am_a * d0
+        acc5 += am_a * d1
+        acc6 += am_b * d2
+        acc7 += am_b * d3
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
 # One group's 8 sums (W rows a, b against x rows 2t, 2t + 1 and, HALVES = 2, 2t + 8, 2t + 9) out.
 @triton.jit
 def _out_group(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, t, row_a, N, M, slice_ptr, bias_ptr, out_ptr,
@@ -263,23 +286,9 @@ def _gemv_tcm_kernel(
     base = _table(quant_map_ptr, i, NW, X_KIND, INTERPRETED)
     G2: tl.constexpr = BLOCK_N  # the second group's rows are BLOCK_N on from the first's
 
-    acc0 = zero
-    acc1 = zero
-    acc2 = zero
-    acc3 = zero
-    acc4 = zero
-    acc5 = zero
-    acc6 = zero
-    acc7 = zero
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = zero, zero, zero, zero, zero, zero, zero, zero
     if GROUPS == 2:
-        acc8 = zero
-        acc9 = zero
-        acc10 = zero
-        acc11 = zero
-        acc12 = zero
-        acc13 = zero
-        acc14 = zero
-        acc15 = zero
+        acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15 = zero, zero, zero, zero, zero, zero, zero, zero
     item = pid
     tile = pid % n_tiles
     sl = pid // n_tiles
@@ -363,63 +372,30 @@ def _gemv_tcm_kernel(
                 xa + e // 2, inside & (g < M), xb + e // 2, inside & (g + 8 < M), cur + rd_a + 128 * half,
                 cur + rd_a + 8 * XS_ROW + 128 * half, HALVES, XS, INTERPRETED,
             )  # fmt: skip
-            c0, c1, c2, c3, d0, d1, d2, d3 = _block(wa0, wa1, wb0, wb1, x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2, y3,
-                                                    y4, y5, y6, y7, lane8, base, quant_map_ptr, NW, X_KIND, HALVES,
-                                                    INTERPRETED)  # fmt: skip
-            am_a = _from_quad(am, 2 * half, NW, INTERPRETED)
-            am_b = _from_quad(am, 2 * half + 1, NW, INTERPRETED)
-            acc0 += am_a * c0
-            acc1 += am_a * c1
-            acc2 += am_b * c2
-            acc3 += am_b * c3
-            if HALVES == 2:
-                acc4 += am_a * d0
-                acc5 += am_a * d1
-                acc6 += am_b * d2
-                acc7 += am_b * d3
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _block_into(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, wa0, wa1, wb0, wb1, x0, x1, x2, x3, x4, x5, x6, x7, y0,
+                y1, y2, y3, y4, y5, y6, y7, am, half, lane8, base, quant_map_ptr, NW, X_KIND, HALVES, INTERPRETED,
+            )  # fmt: skip
             if GROUPS == 2:
                 if half == 0:
                     va0, va1, vb0, vb1 = ua0, ua1, ub0, ub1
                 else:
                     va0, va1, vb0, vb1 = uc0, uc1, ud0, ud1
-                c0, c1, c2, c3, d0, d1, d2, d3 = _block(va0, va1, vb0, vb1, x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2,
-                                                        y3, y4, y5, y6, y7, lane8, base, quant_map_ptr, NW, X_KIND,
-                                                        HALVES, INTERPRETED)  # fmt: skip
-                am_a = _from_quad(am2, 2 * half, NW, INTERPRETED)
-                am_b = _from_quad(am2, 2 * half + 1, NW, INTERPRETED)
-                acc8 += am_a * c0
-                acc9 += am_a * c1
-                acc10 += am_b * c2
-                acc11 += am_b * c3
-                if HALVES == 2:
-                    acc12 += am_a * d0
-                    acc13 += am_a * d1
-                    acc14 += am_b * d2
-                    acc15 += am_b * d3
+                acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15 = _block_into(
+                    acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15, va0, va1, vb0, vb1, x0, x1, x2, x3, x4, x5,
+                    x6, x7, y0, y1, y2, y3, y4, y5, y6, y7, am2, half, lane8, base, quant_map_ptr, NW, X_KIND, HALVES,
+                    INTERPRETED,
+                )  # fmt: skip
         if step_in == per - 1:  # lane (g, t): W rows g (acc0, 1), g + 8 (acc2, 3) against x rows 2t, 2t + 1 (+ 8)
             slice_ptr = partial_ptr + sl * M * N
             split: tl.constexpr = SPLIT_K > 1
             _out_group(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, t, row_a, N, M, slice_ptr, bias_ptr, out_ptr,
                        HAS_BIAS, split, HALVES, INTERPRETED)  # fmt: skip
-            acc0 = zero
-            acc1 = zero
-            acc2 = zero
-            acc3 = zero
-            acc4 = zero
-            acc5 = zero
-            acc6 = zero
-            acc7 = zero
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = zero, zero, zero, zero, zero, zero, zero, zero
             if GROUPS == 2:
                 _out_group(acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15, t, row_a + G2, N, M, slice_ptr,
                            bias_ptr, out_ptr, HAS_BIAS, split, HALVES, INTERPRETED)  # fmt: skip
-                acc8 = zero
-                acc9 = zero
-                acc10 = zero
-                acc11 = zero
-                acc12 = zero
-                acc13 = zero
-                acc14 = zero
-                acc15 = zero
+                acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15 = zero, zero, zero, zero, zero, zero, zero, zero
         item = item1
         tile = tile1
         sl = sl1
