@@ -129,6 +129,25 @@ def _dequantized_weights(float_model: torch.nn.Module, quantized: torch.nn.Modul
             float_model.get_submodule(name).weight.data = data
 
 
+def _bitsandbytes_dequantizing(theirs: torch.nn.Module, ours: torch.nn.Module) -> torch.nn.Module:
+    """transformers + bitsandbytes' model with each Linear4bit computing x @ W.T from bitsandbytes' own dequantize
+    of its weight, after checking that W equals our layer's dequantize bit for bit. On a CPU with AVX512-BF16,
+    bitsandbytes' CPU matmul is a fused kernel that casts x and the absmax to bf16 (its rounding, ~1e-2 on these
+    layers, not the checkpoint's); elsewhere it dequantizes and multiplies in x's dtype, as here."""
+    import bitsandbytes.functional as bnbf
+
+    for name, layer in theirs.named_modules():
+        if type(layer).__name__ == "Linear4bit":
+            weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+            assert torch.equal(weight, nf4.dequantize(ours.get_submodule(name).qweight, torch.float32)), name
+
+            def forward(x: torch.Tensor, weight: torch.Tensor = weight, bias: torch.Tensor | None = layer.bias):
+                return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+
+            layer.forward = forward
+    return theirs
+
+
 # ------------------------------------------------------------------------------------- SmolLM2 from GGUF
 
 
@@ -174,10 +193,11 @@ def test_peak_memory_while_quantizing_gguf_under_twice_the_float_model(smollm_ck
     assert peak < MAX_RSS_VS_FLOAT * float_bytes
 
 
-def test_our_checkpoint_loads_in_transformers_bitsandbytes(smollm_ckpt, smollm_nf4_logits, smollm_ids):
+def test_our_checkpoint_loads_in_transformers_bitsandbytes(smollm_ckpt, smollm_nf4, smollm_nf4_logits, smollm_ids):
     pytest.importorskip("bitsandbytes")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm_ckpt[0], device_map="cpu")
     assert type(theirs.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    theirs = _bitsandbytes_dequantizing(theirs, smollm_nf4)
     with torch.no_grad():
         torch.testing.assert_close(theirs(smollm_ids).logits, smollm_nf4_logits, rtol=0, atol=1e-4)
 
@@ -220,6 +240,7 @@ def test_transformers_bitsandbytes_checkpoint_loads_in_nf4(tmp_path, minilm):
     assert sum(isinstance(m, LinearNF4) for m in ours.modules()) == sum(
         type(m).__name__ == "Linear4bit" for m in theirs.modules()
     )
+    theirs = _bitsandbytes_dequantizing(theirs, ours)
     with torch.no_grad():
         torch.testing.assert_close(
             ours(MINILM_IDS).last_hidden_state, theirs(MINILM_IDS).last_hidden_state, rtol=0, atol=1e-5
