@@ -11,7 +11,8 @@ after multiplying by the reciprocal with flush-to-zero, one 64-bit table entry a
 shared memory and the bucket found by one fma and an and (1.11-1.31x at 2048 elements a program), where the L1 pipe
 bound it (ncu: 98% busy on 28672x8192, DRAM 57%), the most of it the 8-byte lookups, two wavefronts a warp and more
 where buckets e and e + 16 met in a bank pair. Now the table is two 32-bit halves, each lookup one conflict-free
-wavefront, at one instruction more a value (~15.75 an element): the pass 1.13-1.23x, the whole quantize 8-13% faster.
+wavefront, at one instruction more a value (~14.5 an element at 64 a thread): the pass 1.13-1.23x, the whole
+quantize 8-13% faster.
 A separate kernel summing absmax cost 0.04-0.2x the floor, mostly its launch; the pass's float64 sums cost less.
 """
 
@@ -134,8 +135,8 @@ def _encode8_ptx() -> str:
     """Inline PTX of _encode (nf4/int4) on eight scaled values $1-$8 (elements 8w ... 8w + 7), packed into their
     four code bytes, stored as word $10 from address $9 where $11 is not 0 ($0: a dummy): per value one fma, an and, an
     add, two 32-bit loads from nf4_codes (below, first), a subtraction, a shift and an add; a multiply-add a value
-    packs. Storing here
-    keeps the word in the thread that made it (Triton's store regathers 4 a thread through shared memory)."""
+    packs. Storing here keeps the word in the thread that made it (Triton's store regathers 4 a thread through shared
+    memory)."""
     scale, offset = (struct.unpack("<I", struct.pack("<f", v))[0] for v in (_BUCKETS, _BUCKETS + _MAGIC.value))
     mask = (4 * _BUCKETS - 1) << 2  # _encode's entries, 4 bytes a table
     body = "{ .reg .b32 t, a<8>, c<8>, f<8>; .reg .pred p; mov.u32 t, nf4_codes;"
@@ -178,8 +179,8 @@ def _unpack_bf16(w, INTERPRETED: tl.constexpr):
 # bf16 on a 4-byte boundary is loaded as pair words and unpacked by a shift and an and (Triton's conversion took a
 # byte permute more for the odd element); other inputs load as [NB, BS] and split in registers. Four bytes leave
 # as one word; compiled, nf4/int4 encode, pack and store in inline PTX (_encode8_ptx) against the table in shared
-# memory: Triton 3.6 SASS, 504 instructions a thread of 32 elements against 640 through Triton's gather, byte
-# packing and store (which regathered the words through shared memory). With SUMS the
+# memory: Triton 3.6 SASS, 928 instructions a thread of 64 elements (504 of 32) against 640 of 32 through Triton's
+# gather, byte packing and store (which regathered the words through shared memory). With SUMS the
 # program adds its blocks' absmax, in float64, into sums[pid % G] (no ordering: the sum is exact, see
 # format.mean_offset), which the double-quant kernel reads and zeroes: no pass over absmax of its own. Masks are
 # per block, so loads and stores stay 16 / 4 bytes wide; a partial last block is a second launch (PARTIAL)
