@@ -15,7 +15,7 @@ bound by those ALU instructions (tenth session's profile).
   4 programs of 8 warps an SM at 64 registers; M = 9-16 holds twice the accumulators: 3 programs at 80 registers
   (no spills at M <= 8; at M = 16 none under Triton 3.6, 8 bytes in 3.9's split-K build; at 64 registers and
   4 programs M = 16 spills 48 bytes and took 11-24% longer on Llama shapes, twenty-second session).
-- Each step's 4 absmax (2 rows x 2 blocks) are decoded once a quad, one a lane, and shared by shuffles.
+- Each step's 4 absmax a group (2 rows x 2 blocks) are decoded once a quad, one a lane, and shared by shuffles.
 - From M = 9 (on weights of XS_MIN_PARAMS and up) x comes through shared memory: the program copies each step's
   x tile once (cp.async, a step ahead) and its warps read their fragments there, instead of each of the 8 warps
   loading the same x (twenty-second session, H200: 3-10% faster at M = 16; without any x loads at all, a bound,
