@@ -440,8 +440,9 @@ def gemv_tcm(
     config = config or default
     split_k = config.split_k or default.split_k
     groups = config.groups or default.groups
-    programs_per_sm = config.programs_per_sm or _occupancy(m, groups)[0]
-    max_registers = config.max_registers or _occupancy(m, groups)[1]
+    occupancy = _occupancy(m, groups)
+    programs_per_sm = config.programs_per_sm or occupancy[0]
+    max_registers = config.max_registers or occupancy[1]
     if x.stride(1) != 1 or x.storage_offset() % 8 or x.stride(0) % 8:  # 16-byte loads of x's rows
         x = x.clone(memory_format=torch.contiguous_format)
     codes = data.reshape(-1)
