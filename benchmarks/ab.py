@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
 import sys
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -60,6 +62,19 @@ def parse_variant(spec: str, modules: dict[str, ModuleType]) -> Variant:
     return Variant(label, modules[path], _values(attrs), _values(fields))
 
 
+@contextlib.contextmanager
+def applied(v: Variant) -> Iterator[ModuleType]:
+    """v's module with v's attributes set, restored on exit (variants share modules)."""
+    saved = {attr: getattr(v.module, attr) for attr in v.attrs}
+    for attr, value in v.attrs.items():
+        setattr(v.module, attr, value)
+    try:
+        yield v.module
+    finally:
+        for attr, value in saved.items():
+            setattr(v.module, attr, value)
+
+
 def _registers(module: ModuleType, fn: str) -> list:
     """(warps, registers, spills) of every compilation of the module's kernel so far."""
     kernel = getattr(module, f"_{fn}_kernel")
@@ -86,28 +101,24 @@ def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     row: dict = dict(shape=name, M=m, bf16_ms=round(kernels.bench([lambda w=w: x @ w.T for w in ws], True), 4))
     for v in variants:
-        saved = {attr: getattr(v.module, attr) for attr in v.attrs}  # restored below: variants share modules
-        for attr, value in v.attrs.items():
-            setattr(v.module, attr, value)
-        default = _default_config(v.module, fn, n, k, m)
-        fields = dict(v.fields)
-        if fields.get("split_k", 1) < 0:
-            fields["split_k"] = max(1, default.split_k // -fields["split_k"])
-        config = dataclasses.replace(default, **fields)
-        call = getattr(v.module, fn)
-        try:
-            fresh = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ks.poison()
-            out = call(fresh, *qa[0], n, None, config)
-            ref = fresh.double() @ w0.T
-            rel = ((out.double() - ref).norm() / ref.norm()).item()  # NaN if an element was left unwritten
-            ms = kernels.bench([lambda a=a, f=call, c=config: f(x, *a, n, None, c) for a in qa], True)
-            row[v.label] = dict(ms=round(ms, 4), rel_err=float(f"{rel:.2e}"), split_k=config.split_k,
-                                bit_equal=torch.equal(out, ops.matmul(fresh, qs[0])))  # fmt: skip
-        except Exception as e:  # noqa: BLE001 - a variant that fails to build or run is a result too
-            row[v.label] = repr(e)[:300]
-        for attr, value in saved.items():
-            setattr(v.module, attr, value)
+        with applied(v) as module:
+            default = _default_config(module, fn, n, k, m)
+            fields = dict(v.fields)
+            if fields.get("split_k", 1) < 0:
+                fields["split_k"] = max(1, default.split_k // -fields["split_k"])
+            config = dataclasses.replace(default, **fields)
+            call = getattr(module, fn)
+            try:
+                fresh = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                ks.poison()
+                out = call(fresh, *qa[0], n, None, config)
+                ref = fresh.double() @ w0.T
+                rel = ((out.double() - ref).norm() / ref.norm()).item()  # NaN if an element was left unwritten
+                ms = kernels.bench([lambda a=a, f=call, c=config: f(x, *a, n, None, c) for a in qa], True)
+                row[v.label] = dict(ms=round(ms, 4), rel_err=float(f"{rel:.2e}"), split_k=config.split_k,
+                                    bit_equal=torch.equal(out, ops.matmul(fresh, qs[0])))  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - a variant that fails to build or run is a result too
+                row[v.label] = repr(e)[:300]
     row["kernels"] = {v.label: _registers(v.module, fn) for v in variants}
     return row
 

@@ -24,28 +24,22 @@ from nf4.kernels import quantize as committed
 
 sys.path.insert(0, os.path.dirname(__file__))
 import kernels  # noqa: E402
-from ab import Variant, parse_variant  # noqa: E402
+from ab import Variant, applied, parse_variant  # noqa: E402
 
 SHAPES = "4096x4096,6144x4096,14336x4096,8192x8192,28672x8192"
 
 
 def _timed(variant: Variant, w: torch.Tensor, reference: tuple, floor_ms: float) -> dict:
     """The variant's whole quantize and pass / floor, and whether its bytes are the committed kernel's."""
-    module: ModuleType = variant.module
-    saved = {attr: getattr(module, attr) for attr in variant.attrs}
-    for attr, value in variant.attrs.items():
-        setattr(module, attr, value)
-    try:
-        out = module.quantize(w, "nf4", 64, True)
-        equal = all(torch.equal(a, b) for a, b in zip(out, reference, strict=True))
-        whole = kernels.bench(lambda: module.quantize(w, "nf4", 64, True), graph=True)
-        one_pass = kernels.bench(lambda: module.quantize_4bit(w, "nf4", 64), graph=True)
-        return dict(whole_x=round(whole / floor_ms, 3), pass_x=round(one_pass / floor_ms, 3), equal=equal)
-    except Exception as e:  # noqa: BLE001 - a variant that fails to build or run is a result too
-        return dict(error=repr(e)[:300])
-    finally:
-        for attr, value in saved.items():
-            setattr(module, attr, value)
+    with applied(variant) as module:
+        try:
+            out = module.quantize(w, "nf4", 64, True)
+            equal = all(torch.equal(a, b) for a, b in zip(out, reference, strict=True))
+            whole = kernels.bench(lambda: module.quantize(w, "nf4", 64, True), graph=True)
+            one_pass = kernels.bench(lambda: module.quantize_4bit(w, "nf4", 64), graph=True)
+            return dict(whole_x=round(whole / floor_ms, 3), pass_x=round(one_pass / floor_ms, 3), equal=equal)
+        except Exception as e:  # noqa: BLE001 - a variant that fails to build or run is a result too
+            return dict(error=repr(e)[:300])
 
 
 def main() -> None:
