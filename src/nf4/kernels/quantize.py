@@ -11,7 +11,7 @@ after multiplying by the reciprocal with flush-to-zero, one 64-bit table entry a
 shared memory and the bucket found by one fma and an and (1.11-1.31x at 2048 elements a program), where the L1 pipe
 bound it (ncu: 98% busy on 28672x8192, DRAM 57%), the most of it the 8-byte lookups, two wavefronts a warp and more
 where buckets e and e + 16 met in a bank pair. Now the table is two 32-bit halves, each lookup one conflict-free
-wavefront, at one instruction more a value (~14.5 an element at 64 a thread): the pass 1.13-1.23x, the whole
+wavefront, at one instruction more a value (~14.5 an element at 64 a thread): the pass 1.13-1.29x, the whole
 quantize 6-13% faster (same-process A/B on six shapes).
 A separate kernel summing absmax cost 0.04-0.2x the floor, mostly its launch; the pass's float64 sums cost less.
 """
