@@ -23,11 +23,14 @@ address), one shared-memory load (the pair), 1/8 of an mma.
   shuffles. (Until the twentieth session one row took columns 4 r + c, both quarters summing into them, and each
   lane decoded 4 absmax, half of them for columns of zeros: 511 instructions a 4,096-weight step against 462 now,
   and 28672x8192 at M = 1 took 0.0580 ms against 0.0524 now, H200.)
-- Persistent: 4 programs of 8 warps an SM (registers capped at 64 and a 32 KiB table: 32 warps an SM; with 2
-  programs of 98 registers and a 64 KiB table it took 0.076 ms on 28672x8192 against 0.066, with 3 programs of
-  100 registers 0.087: at 16 warps an SM it is latency-bound, 36% of its stalls waiting on the table loads),
-  each walking (row tile, K slice) items;
-  the codes of the next step, across items, are in flight while a step computes. A slice's row sums go to a
+- Persistent: 4 programs of 8 warps an SM (registers capped at 64 and a 32 KiB table: 32 warps an SM; with 3
+  programs of 100 registers it took 0.087 ms on 28672x8192 against 0.066: at fewer warps it is latency-bound),
+  each walking (row tile, K slice) items. (A 64 KiB table, entry stride 256 bytes so that the ``prmt`` result is
+  the address, saves 62 of the step's 462 instructions but needs Triton-allocated shared memory, and Triton gives a
+  kernel of more than 48 KiB ``CU_FUNC_CACHE_PREFER_SHARED``, which leaves L1 at its minimum: 0.066 ms against
+  0.052. With the carveout set on the compiled kernel, 2 programs of 16 warps took 0.0521 against 0.0521, H200,
+  twenty-sixth session: the decode is not issue-bound, so the table stays 32 KiB and static.)
+  The codes of the next step, across items, are in flight while a step computes. A slice's row sums go to a
   partial buffer, added up in slice order (deterministic): on weights up to SUM_IN_KERNEL_MAX_PARAMS by the
   program that draws a row tile's last ticket, once its items are done (``common.sum_tiles``), on larger ones by
   a second launch. (A ticket at each item's end took 18% longer on 28672x8192: its fences waited for the next
