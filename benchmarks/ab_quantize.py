@@ -63,8 +63,8 @@ def main() -> None:
             floor_ms = 2.5 * n * k / copy_gbps / 1e6
             reference = committed.quantize(w, "nf4", 64, True)
             row: dict = dict(round=round_, shape=shape)
-            # each round starts at the next variant: the first one timed on a fresh weight ran up to 15% faster
-            # than an identical copy timed after it (28672x8192, twenty-sixth session)
+            # each round starts at the next variant: on 28672x8192 a variant's time moved by up to 15% with its
+            # place in the order (identical copies, twenty-sixth session), so no variant keeps one place
             shift = round_ % len(variants)
             for v in variants[shift:] + variants[:shift]:
                 row[v.label] = _timed(v, w, reference, floor_ms)
