@@ -81,21 +81,22 @@ def _dequantize(out: str, double_quant: bool, partial: bool, large: bool = True,
     return dequantize._dequantize_kernel, ptrs, consts, warps, 3
 
 
-def _quantize(x: str, fp4: bool, words: bool = False) -> tuple:
-    """words: bf16 loaded as pair words (x 4-byte aligned)."""
+def _quantize(x: str, fp4: bool, words: bool = False, pdl: bool = False) -> tuple:
+    """words: bf16 loaded as pair words (x 4-byte aligned); pdl: Hopper's, triggering the double quant's launch."""
     ptrs = dict(x_ptr=x, tables_ptr="*i32" if fp4 else "*i64", rcp_delta_ptr="*i32", data_ptr="*u8", absmax_ptr=_FP32,
                 sums_ptr="*fp64")  # fmt: skip
     nb = (quantize._FP4_ELEMENTS_PER_PROGRAM if fp4 else quantize._ELEMENTS_PER_PROGRAM) // 64
     consts = dict(BLOCKSIZE=64, NB=nb, NTHRESHOLDS=7, SIGN_MAGNITUDE=fp4, BUCKETS=quantize._BUCKETS, PARTIAL=False,
-                  BF16_WORDS=words, SUMS=True, G=quantize._SUM_SLOTS, THREADS=32 * quantize._NUM_WARPS)  # fmt: skip
+                  BF16_WORDS=words, SUMS=True, G=quantize._SUM_SLOTS, THREADS=32 * quantize._NUM_WARPS,
+                  TRIGGER=pdl)  # fmt: skip
     return quantize._quantize_kernel, ptrs, consts, quantize._NUM_WARPS, 3
 
 
-def _double_quantize() -> tuple:
+def _double_quantize(pdl: bool = False) -> tuple:
     ptrs = dict(absmax_ptr=_FP32, sums_ptr="*fp64", counter_ptr="*i32", table_ptr="*i64", rcp_delta_ptr="*i32",
                 codes_ptr="*u8", nested_absmax_ptr=_FP32, offset_ptr=_FP32)  # fmt: skip
     consts = dict(G=quantize._SUM_SLOTS, NBN=quantize._NESTED_PER_PROGRAM, KEY_MIN=quantize._DQ_KEY_MIN,
-                  SIDE=quantize._DQ_SIDE)  # fmt: skip
+                  SIDE=quantize._DQ_SIDE, WAIT=pdl)  # fmt: skip
     return quantize._double_quantize_kernel, ptrs, consts, 4, 3
 
 
@@ -131,10 +132,12 @@ BUILDS = {
     "dequantize-fp32-plain": _dequantize(_FP32, False, False),
     "dequantize-fp32-plain-partial": _dequantize(_FP32, False, True),
     "quantize-nf4-bf16-words": _quantize("*bf16", False, words=True),
+    "quantize-nf4-bf16-words-pdl": _quantize("*bf16", False, words=True, pdl=True),
     "quantize-nf4-bf16": _quantize("*bf16", False),
     "quantize-nf4-fp16": _quantize("*fp16", False),
     "quantize-fp4-fp32": _quantize(_FP32, True),
     "double-quantize": _double_quantize(),
+    "double-quantize-pdl": _double_quantize(pdl=True),
     "split-k-sum": _split_k_sum(),
 }
 

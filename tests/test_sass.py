@@ -50,7 +50,7 @@ BUILDS = {
     "dequantize-bf16-dq", "dequantize-fp16-dq-small", "dequantize-fp32-plain", "dequantize-fp32-plain-partial",
     "dequantize-bf16-dq-pre-ampere", "dequantize-fp16-plain-pre-ampere",
     "quantize-nf4-bf16-words", "quantize-nf4-bf16", "quantize-nf4-fp16", "quantize-fp4-fp32", "double-quantize",
-    "split-k-sum",
+    "quantize-nf4-bf16-words-pdl", "double-quantize-pdl", "split-k-sum",
 }  # fmt: skip
 
 
@@ -88,9 +88,12 @@ def test_every_kernel_compiles_for_hopper() -> None:
 # mma.sync.m16n8k16 and cp.async need sm_80; so do dequantize's conversion of a pair (cvt.rn.bf16x2.f32), which
 # older GPUs replace by the builds named pre-ampere, and quantize's max.NaN on bf16 pair words (-words), which they
 # load as elements. Every other build must compile for a T4 (sm_75), and all of
-# them for an A100 (sm_80). (sm_70, a V100, compiled under Triton 3.6's tools; 3.9's cuobjdump no longer reads its
-# cubins.)
+# them for an A100 (sm_80), but for the -pdl builds: quantize's grid dependency control (griddepcontrol) is
+# Hopper's, and common.hopper_or_newer keeps it there. (sm_70, a V100, compiled under Triton 3.6's tools; 3.9's
+# cuobjdump no longer reads its cubins.)
 def _on(arch: int, name: str) -> bool:
+    if name.endswith("-pdl"):
+        return arch >= 90
     ampere_only = (
         name.startswith("gemv-tc")
         or name.endswith("-words")

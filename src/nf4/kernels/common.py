@@ -236,6 +236,13 @@ def ampere_or_newer(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+@functools.cache
+def hopper_or_newer(device: torch.device) -> bool:
+    """Whether device takes programmatic dependent launch (``griddepcontrol``: compute capability 9.0), which lets
+    a launch start while the kernel before it finishes. Compiled kernels only: not under the interpreter."""
+    return device.type == "cuda" and not _INTERPRETED and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 # Direct launches (``run``) are written against the launcher of Triton 3.6-3.9 (tested on both); earlier versions,
 # whose launch path and hooks differ (no ``triton.knobs`` before 3.4), always launch through Triton.
 _DIRECT = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 6)

@@ -14,6 +14,10 @@ where buckets e and e + 16 met in a bank pair. Now the table is two 32-bit halve
 wavefront, at one instruction more a value (~14.5 an element at 64 a thread): the pass 1.13-1.29x, the whole
 quantize 6-13% faster (same-process A/B on six shapes).
 A separate kernel summing absmax cost 0.04-0.2x the floor, mostly its launch; the pass's float64 sums cost less.
+On Hopper the double-quant kernel is launched with programmatic dependent launch and each pass program triggers it
+first, so its launch overlaps the pass's last programs and it waits (``griddepcontrol.wait``) only for their
+completion: 4096^2 2-3% faster (medians of 3-4 rounds, two calls, twenty-sixth session), the larger weights
+unchanged. (Without the trigger, PDL gained nothing: the dependent launch waited for the pass to end.)
 """
 
 from __future__ import annotations
@@ -25,9 +29,18 @@ import threading
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from nf4 import codebook, format
-from nf4.kernels.common import ampere_or_newer, flush, interpreted, reciprocal_approx, run, stream_zeros
+from nf4.kernels.common import (
+    ampere_or_newer,
+    flush,
+    hopper_or_newer,
+    interpreted,
+    reciprocal_approx,
+    run,
+    stream_zeros,
+)
 
 # 64 elements a thread (2 warps: the table's 64 entries are stored one a thread). H200, the whole quantize x its
 # floor at elements a program / warps (docs/BENCHMARKS.md, "Twenty-fifth session", split table): 4096x4096 1024 / 2
@@ -207,7 +220,10 @@ def _quantize_kernel(
     G: tl.constexpr,
     THREADS: tl.constexpr,
     INTERPRETED: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):
+    if TRIGGER:  # the double-quant kernel (launched with PDL) may start; it waits for this one to finish
+        gdc_launch_dependents()
     HB: tl.constexpr = BLOCKSIZE // 2
     blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB) + first_block  # [NB]
     pair = blk[:, None] * HB + tl.arange(0, HB)[None, :]  # [NB, HB] = byte index
@@ -278,7 +294,10 @@ def _encode_8bit(y, table_ptr, KEY_MIN: tl.constexpr, SIDE: tl.constexpr):
 def _double_quantize_kernel(
     absmax_ptr, sums_ptr, counter_ptr, table_ptr, rcp_delta_ptr, codes_ptr, nested_absmax_ptr, offset_ptr, nblocks,
     G: tl.constexpr, NBN: tl.constexpr, KEY_MIN: tl.constexpr, SIDE: tl.constexpr, INTERPRETED: tl.constexpr,
+    WAIT: tl.constexpr,
 ):  # fmt: skip
+    if WAIT:  # launched with PDL: the 4-bit pass's absmax and sums are complete and visible past this
+        gdc_wait()
     nested = tl.program_id(0).to(tl.int64) * NBN + tl.arange(0, NBN)  # [NBN]
     i = nested[:, None] * 256 + tl.arange(0, 256)[None, :]  # [NBN, 256]
     mask = i < nblocks
@@ -409,6 +428,7 @@ def quantize_4bit(
     consts = dict(
         BLOCKSIZE=blocksize, NTHRESHOLDS=len(codebook.FP4_MAGNITUDE_THRESHOLDS), SIGN_MAGNITUDE=quant_type == "fp4",
         BUCKETS=_BUCKETS, SUMS=sums is not None, G=_SUM_SLOTS, INTERPRETED=interpreted(),
+        TRIGGER=sums is not None and hopper_or_newer(tensor.device),
     )  # fmt: skip
     if full:
         words = tensor.dtype == torch.bfloat16 and tensor.data_ptr() % 4 == 0 and ampere_or_newer(tensor.device)
@@ -428,11 +448,12 @@ def _double_quantize(
     codes = torch.empty(nblocks, dtype=torch.uint8, device=absmax.device)
     nested_absmax = torch.empty(nnested, dtype=torch.float32, device=absmax.device)
     offset = torch.empty((), dtype=torch.float32, device=absmax.device)
+    pdl = hopper_or_newer(absmax.device)
     try:
         run(_double_quantize_kernel, (triton.cdiv(nnested, _NESTED_PER_PROGRAM),), absmax, sums, counter,
             _dq_table(absmax.device), _rcp_delta(absmax.device), codes, nested_absmax, offset, nblocks,
             G=_SUM_SLOTS, NBN=_NESTED_PER_PROGRAM, KEY_MIN=_DQ_KEY_MIN, SIDE=_DQ_SIDE, INTERPRETED=interpreted(),
-            num_warps=4)  # fmt: skip
+            WAIT=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))  # fmt: skip
     except BaseException:
         sums.zero_()  # the kernel that zeroes them did not run
         counter.zero_()
