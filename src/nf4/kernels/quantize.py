@@ -40,6 +40,7 @@ from nf4.kernels.common import (
     reciprocal_approx,
     run,
     stream_zeros,
+    tracing,
 )
 
 # 64 elements a thread (2 warps: the table's 64 entries are stored one a thread). H200, the whole quantize x its
@@ -399,6 +400,12 @@ def _rcp_delta(device: torch.device) -> torch.Tensor:
     return format._rcp_delta(device) if interpreted() else torch.empty(1, dtype=torch.int32, device=device)
 
 
+def _pdl(device: torch.device) -> bool:
+    """Whether the double quant is launched with programmatic dependent launch (module docstring): on Hopper, and
+    not while torch.compile traces the op (Inductor launches the kernels itself, without the launch option)."""
+    return hopper_or_newer(device) and not tracing()
+
+
 # Held while a quantize enqueues its two launches: another thread's pass must not add into the sums between them.
 _ENQUEUE = threading.Lock()
 
@@ -428,7 +435,7 @@ def quantize_4bit(
     consts = dict(
         BLOCKSIZE=blocksize, NTHRESHOLDS=len(codebook.FP4_MAGNITUDE_THRESHOLDS), SIGN_MAGNITUDE=quant_type == "fp4",
         BUCKETS=_BUCKETS, SUMS=sums is not None, G=_SUM_SLOTS, INTERPRETED=interpreted(),
-        TRIGGER=sums is not None and hopper_or_newer(tensor.device),
+        TRIGGER=sums is not None and _pdl(tensor.device),
     )  # fmt: skip
     if full:
         words = tensor.dtype == torch.bfloat16 and tensor.data_ptr() % 4 == 0 and ampere_or_newer(tensor.device)
@@ -448,7 +455,7 @@ def _double_quantize(
     codes = torch.empty(nblocks, dtype=torch.uint8, device=absmax.device)
     nested_absmax = torch.empty(nnested, dtype=torch.float32, device=absmax.device)
     offset = torch.empty((), dtype=torch.float32, device=absmax.device)
-    pdl = hopper_or_newer(absmax.device)
+    pdl = _pdl(absmax.device)
     try:
         run(_double_quantize_kernel, (triton.cdiv(nnested, _NESTED_PER_PROGRAM),), absmax, sums, counter,
             _dq_table(absmax.device), _rcp_delta(absmax.device), codes, nested_absmax, offset, nblocks,
