@@ -1,6 +1,6 @@
 """A/B of fused-matmul kernel variants on one GPU, in one process: times, errors, registers.
 
-Usage: python benchmarks/ab.py [--fn gemv|gemv_tc|gemv_tcm|mma] [--m M] [--shapes A,B] [--out DIR]
+Usage: python benchmarks/ab.py [--fn gemv|gemv_tc|gemv_tcm|mma] [--m M] [--shapes A,B] [--out DIR] [--probe N]
     --variant SPEC [--variant SPEC ...]
 SPEC is LABEL=PATH[:ATTR=VALUE,...][@FIELD=VALUE,...]: a copy of the kernel's module (a file under out/, say, with
 the change to try), module attributes set before each call (e.g. a LOOKUP switch the copy reads), and fields of
@@ -9,6 +9,10 @@ at M rows, weights rotated past L2, medians of CUDA-graph replays (kernels.bench
 against fp64 on a fresh input with its output poisoned first, whether it is bit-equal to ``ops.matmul`` (the
 committed kernel), its split and its compiled kernels' (warps, registers, spills). One JSON line per shape, and
 ab.json in DIR. The tenth session's A/B tables (docs/BENCHMARKS_GPU.md) came from this script's first version.
+
+--probe N times nothing: it calls each variant N times on each shape (rotating over the weights) and exits, for a
+profiler, e.g. ``ncu -k regex:_gemv_tc_kernel --launch-skip 5 --launch-count 1 python benchmarks/ab.py --probe 8
+--fn gemv_tc --shapes 70B_up --variant head=src/nf4/kernels/gemv_tc.py``.
 """
 
 from __future__ import annotations
@@ -95,6 +99,15 @@ def _default_config(module: ModuleType, fn: str, n: int, k: int, m: int) -> obje
     return module.default_config(n, k, m, device)
 
 
+def _config(module: ModuleType, fn: str, n: int, k: int, m: int, v: Variant) -> object:
+    """The module's default config with v's fields (a negative split_k divides the default one)."""
+    default = _default_config(module, fn, n, k, m)
+    fields = dict(v.fields)
+    if fields.get("split_k", 1) < 0:
+        fields["split_k"] = max(1, default.split_k // -fields["split_k"])
+    return dataclasses.replace(default, **fields)
+
+
 def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
     n, k = ks.SHAPES[name]
     qs, qa, ws, w0 = ks.rotated_weights(n, k)
@@ -102,11 +115,7 @@ def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
     row: dict = dict(shape=name, M=m, bf16_ms=round(kernels.bench([lambda w=w: x @ w.T for w in ws], True), 4))
     for v in variants:
         with applied(v) as module:
-            default = _default_config(module, fn, n, k, m)
-            fields = dict(v.fields)
-            if fields.get("split_k", 1) < 0:
-                fields["split_k"] = max(1, default.split_k // -fields["split_k"])
-            config = dataclasses.replace(default, **fields)
+            config = _config(module, fn, n, k, m, v)
             call = getattr(module, fn)
             try:
                 fresh = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -123,6 +132,19 @@ def run_shape(name: str, fn: str, m: int, variants: list[Variant]) -> dict:
     return row
 
 
+def probe_shape(name: str, fn: str, m: int, variants: list[Variant], calls: int) -> None:
+    """Each variant's kernel ``calls`` times on the shape's weights, in turn, with no timing around them."""
+    n, k = ks.SHAPES[name]
+    _, qa, _, _ = ks.rotated_weights(n, k)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    for v in variants:
+        with applied(v) as module:
+            config = _config(module, fn, n, k, m, v)
+            for i in range(calls):
+                getattr(module, fn)(x, *qa[i % len(qa)], n, None, config)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fn", choices=("gemv", "gemv_tc", "gemv_tcm", "mma"), default="gemv")
@@ -130,9 +152,14 @@ def main() -> None:
     parser.add_argument("--shapes", default="70B_up,70B_down,8B_up,8B_down,8B_qo")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--variant", action="append", required=True)
+    parser.add_argument("--probe", type=int, default=0, metavar="N", help="N untimed calls a variant, for a profiler")
     args = parser.parse_args()
     modules: dict[str, ModuleType] = {}
     variants = [parse_variant(spec, modules) for spec in args.variant]
+    if args.probe:
+        for name in args.shapes.split(","):
+            probe_shape(name, args.fn, args.m, variants, args.probe)
+        return
     rows = [dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                  copy_GBps=round(kernels.copy_bandwidth()))]  # fmt: skip
     print(json.dumps(rows[0]), flush=True)
