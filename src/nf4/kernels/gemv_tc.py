@@ -26,7 +26,7 @@ address), one shared-memory load (the pair), 1/8 of an mma.
 - Persistent: 4 programs of 8 warps an SM (registers capped at 64 and a 32 KiB table: 32 warps an SM; with 3
   programs of 100 registers it took 0.087 ms on 28672x8192 against 0.066: at fewer warps it is latency-bound),
   each walking (row tile, K slice) items. (A 64 KiB table, entry stride 256 bytes so that the ``prmt`` result is
-  the address, saves 62 of the step's 462 instructions but needs Triton-allocated shared memory, and Triton gives a
+  the address, saves 68 of the step's 462 instructions but needs Triton-allocated shared memory, and Triton gives a
   kernel of more than 48 KiB ``CU_FUNC_CACHE_PREFER_SHARED``, which leaves L1 at its minimum: 0.066 ms against
   0.052. With the carveout set on the compiled kernel, 2 programs of 16 warps took 0.0521 against 0.0521, H200,
   twenty-sixth session: the decode is not issue-bound, so the table stays 32 KiB and static.)
