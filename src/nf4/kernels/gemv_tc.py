@@ -14,15 +14,19 @@ address), one shared-memory load (the pair), 1/8 of an mma.
   apart from any of Triton's. (It was the allocation Triton makes for a ``tl.gather`` over a 32 KiB tensor until
   the fourteenth session: the gather's code cost 40 instructions, and the kernel is 1-4% faster without them.)
 - A warp owns 16 rows; lane (g, t) = (lane / 4, lane % 4) holds rows g and g + 8 (the fragment's rows). A step is
-  256 elements of each row, in two quarters of 16 bytes a lane (8 mmas each, each quarter its own accumulators).
-  The mma's 8 columns, which a matmul would give to 8 rows of x, are given to (x row, block) pairs instead: column
-  2 r + c holds x row r only where the quarter's block c is (0 elsewhere), so each block's sum lands in its own
-  column and is scaled by its own absmax once, after the step's 16 mmas. Four rows of x fill the columns, so
-  M = 2-4 cost about what M = 1 does; fewer leave columns of zeros. After a step lane t holds x row t's sums of
-  the step's 4 blocks; it decodes the absmax of block t of its two W rows, and its quad shares the four by
-  shuffles. (Until the twentieth session one row took columns 4 r + c, both quarters summing into them, and each
-  lane decoded 4 absmax, half of them for columns of zeros: 511 instructions a 4,096-weight step against 462 now,
-  and 28672x8192 at M = 1 took 0.0580 ms against 0.0524 now, H200.)
+  256 elements of each row, in two quarters of 16 bytes a lane (8 mmas each).
+  The mma's 8 columns, which a matmul would give to 8 rows of x, are given to (x row, block) pairs instead: a
+  column holds x row r only where its block is (0 elsewhere), so each block's sum lands in its own column and is
+  scaled by its own absmax once, after the step's 16 mmas. With 1-2 rows of x, column 4 q + 2 c + r is block c of
+  quarter q: both quarters sum into one set of accumulators, and after a step lane t holds the sums of the step's
+  block t (for x rows 0 and 1), so it scales them by the absmax it decodes itself (block t of its two W rows) and
+  the quad's four lanes are added up once, at the item's end. Four rows of x need 16 columns: with 3-4, each
+  quarter sums into its own accumulators, column 2 r + c holding x row r, block c of the quarter; lane t then
+  holds x row t's sums of the step's 4 blocks, decodes block t's absmax and its quad shares the four by 8
+  shuffles a step. (The 1-2 row layout since the twenty-seventh session: H200, same process, 4096x4096 0.0083 ms
+  against 0.0086 at M = 1, 0.0084 against 0.0088 at M = 2; 0.5-1% on the 70B shapes, within +-0.5% on the 8B
+  MLPs. Until the twentieth session one row took columns 4 r + c, each lane decoding 4 absmax, half of them for
+  columns of zeros: 28672x8192 at M = 1 took 0.0580 ms against 0.0524 after it.)
 - Persistent: 4 programs of 8 warps an SM (registers capped at 64 and a 32 KiB table: 32 warps an SM; with 3
   programs of 100 registers it took 0.087 ms on 28672x8192 against 0.066: at fewer warps it is latency-bound),
   each walking (row tile, K slice) items. (A 64 KiB table, entry stride 256 bytes so that the ``prmt`` result is
@@ -291,16 +295,28 @@ def _gemv_tc_kernel(
     total = tl.cdiv(n_tiles * SPLIT_K - pid, G) * per  # this program's steps
     lane8 = lane * 8
     zero = tl.zeros([THREADS], tl.float32)
-    # mma column g = 2 r + c holds x row r, block c of a quarter (each quarter sums into its own accumulators);
-    # columns of rows past ROWS hold zeros
-    slot = g % 2
-    x_lane = x_ptr + tl.minimum(g // 2, ROWS - 1) * stride_xw
-    x_live = g // 2 < ROWS
+    # mma column g (the module docstring) holds x row r, block `slot` of a quarter (quarter 0 where in_q0, 1 where
+    # in_q1); columns of rows past ROWS hold zeros
+    ONE_SET: tl.constexpr = ROWS <= 2  # both quarters in one set of accumulators, column g = 4 q + 2 c + r
+    if ONE_SET:
+        slot = (g // 2) % 2
+        in_q0 = g < 4
+        in_q1 = g >= 4
+        r = g % 2
+    else:  # column g = 2 r + c in each quarter's set
+        slot = g % 2
+        in_q0 = g >= 0
+        in_q1 = in_q0
+        r = g // 2
+    x_lane = x_ptr + tl.minimum(r, ROWS - 1) * stride_xw
+    x_live = r < ROWS
 
     base = _table(quant_map_ptr, i, NW, X_KIND, INTERPRETED)
 
-    acc_a = zero
+    acc_a = zero  # W row a (b), x row 0 (x row t without ONE_SET)
     acc_b = zero
+    acc_a1 = zero  # x row 1 (ONE_SET)
+    acc_b1 = zero
     item = pid
     tile = pid % n_tiles
     sl = pid // n_tiles
@@ -338,28 +354,48 @@ def _gemv_tc_kernel(
         )
         # quarter h of the step: lane t's 32 elements are block slot 2h + t // 2 of the step (in column g's x row)
         x_step = x_lane + s * 128 + 16 * t
+        x_mine = x_live & (slot == t // 2)
         c0, c1, c2, c3 = _quarter(
-            qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, x_step, x_live & (slot == t // 2) & (s * 128 + 16 * t < K // 2),
-            lane8, base, quant_map_ptr, zero, zero, zero, zero, NW, X_KIND, INTERPRETED,
+            qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, x_step,
+            x_mine & in_q0 & (s * 128 + 16 * t < K // 2), lane8, base, quant_map_ptr,
+            zero, zero, zero, zero, NW, X_KIND, INTERPRETED,
         )  # fmt: skip
+        if ONE_SET:
+            d0, d1, d2, d3 = c0, c1, c2, c3
+        else:
+            d0, d1, d2, d3 = zero, zero, zero, zero
         d0, d1, d2, d3 = _quarter(
             qc0, qc1, qc2, qc3, qd0, qd1, qd2, qd3, x_step + 64,
-            x_live & (slot == t // 2) & (s * 128 + 64 + 16 * t < K // 2), lane8, base, quant_map_ptr, zero, zero,
-            zero, zero, NW, X_KIND, INTERPRETED,
+            x_mine & in_q1 & (s * 128 + 64 + 16 * t < K // 2), lane8, base,
+            quant_map_ptr, d0, d1, d2, d3, NW, X_KIND, INTERPRETED,
         )  # fmt: skip
-        # lane t holds columns 2t, 2t + 1, x row t: (c0, c1), (d0, d1) W row a's blocks 0-3 of the step, (c2, c3),
-        # (d2, d3) row b's. Lane t decodes the absmax of the step's block t of rows a and b; its quad shares them.
+        # Lane t holds columns 2t and 2t + 1 and decodes the absmax of the step's block t of rows a and b. ONE_SET:
+        # (d0, d1) are row a's block t for x rows 0 and 1, (d2, d3) row b's. Otherwise x row t's: (c0, c1), (d0,
+        # d1) row a's blocks 0-3, (c2, c3), (d2, d3) row b's, the quad sharing the absmax.
         ok = t < ROWS
         e = s * 256 + 64 * t
         am_a = _block_absmax(row_a, e, row_a < N, K, bpr, absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr,
                              nested_offset_ptr, BLOCKSIZE, DOUBLE_QUANT, INTERPRETED)  # fmt: skip
         am_b = _block_absmax(row_b, e, row_b < N, K, bpr, absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr,
                              nested_offset_ptr, BLOCKSIZE, DOUBLE_QUANT, INTERPRETED)  # fmt: skip
-        acc_a += c0 * _from_quad(am_a, 0, NW, INTERPRETED) + c1 * _from_quad(am_a, 1, NW, INTERPRETED)
-        acc_a += d0 * _from_quad(am_a, 2, NW, INTERPRETED) + d1 * _from_quad(am_a, 3, NW, INTERPRETED)
-        acc_b += c2 * _from_quad(am_b, 0, NW, INTERPRETED) + c3 * _from_quad(am_b, 1, NW, INTERPRETED)
-        acc_b += d2 * _from_quad(am_b, 2, NW, INTERPRETED) + d3 * _from_quad(am_b, 3, NW, INTERPRETED)
+        if ONE_SET:
+            acc_a += d0 * am_a
+            acc_b += d2 * am_b
+            if ROWS == 2:
+                acc_a1 += d1 * am_a
+                acc_b1 += d3 * am_b
+        else:
+            acc_a += c0 * _from_quad(am_a, 0, NW, INTERPRETED) + c1 * _from_quad(am_a, 1, NW, INTERPRETED)
+            acc_a += d0 * _from_quad(am_a, 2, NW, INTERPRETED) + d1 * _from_quad(am_a, 3, NW, INTERPRETED)
+            acc_b += c2 * _from_quad(am_b, 0, NW, INTERPRETED) + c3 * _from_quad(am_b, 1, NW, INTERPRETED)
+            acc_b += d2 * _from_quad(am_b, 2, NW, INTERPRETED) + d3 * _from_quad(am_b, 3, NW, INTERPRETED)
         if step_in == per - 1:  # the item's rows out: both W rows of x row t from lane t
+            if ONE_SET:  # the quad's four blocks added up; lane 1 takes x row 1's
+                acc_a = _quad_sum(acc_a, NW, INTERPRETED)
+                acc_b = _quad_sum(acc_b, NW, INTERPRETED)
+                if ROWS == 2:
+                    acc_a = tl.where(t == 0, acc_a, _quad_sum(acc_a1, NW, INTERPRETED))
+                    acc_b = tl.where(t == 0, acc_b, _quad_sum(acc_b1, NW, INTERPRETED))
             if SPLIT_K == 1:
                 _store_rows(acc_a, row_a, ok & (row_a < N), N, bias_ptr, out_ptr + t * N, HAS_BIAS, INTERPRETED)
                 _store_rows(acc_b, row_b, ok & (row_b < N), N, bias_ptr, out_ptr + t * N, HAS_BIAS, INTERPRETED)
@@ -368,6 +404,8 @@ def _gemv_tc_kernel(
                 tl.store(partial_ptr + (sl * ROWS + t) * N + row_b, acc_b, mask=ok & (row_b < N))
             acc_a = zero
             acc_b = zero
+            acc_a1 = zero
+            acc_b1 = zero
         item = item1
         tile = tile1
         sl = sl1
@@ -389,6 +427,20 @@ def _from_quad(v, j: tl.constexpr, NW: tl.constexpr, INTERPRETED: tl.constexpr):
     else:
         return tl.inline_asm_elementwise(f"shfl.sync.idx.b32 $0, $1, {j}, 0x1c1f, 0xffffffff;", "=r,r", [v],
                                          dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+
+
+# The sum of v over this lane's quad, in each lane of the quad.
+@triton.jit
+def _quad_sum(v, NW: tl.constexpr, INTERPRETED: tl.constexpr):
+    if INTERPRETED:
+        quads = tl.sum(tl.reshape(v, (NW * 8, 4)), axis=1)
+        return tl.reshape(tl.broadcast_to(quads[:, None], (NW * 8, 4)), (NW * 32,))
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 u; shfl.sync.bfly.b32 u, $1, 1, 0x1f, 0xffffffff; add.f32 u, u, $1;"
+            " shfl.sync.bfly.b32 $0, u, 2, 0x1f, 0xffffffff; add.f32 $0, $0, u; }",
+            "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
 
 
 # The absmax of the block of W row `row` that holds element e (masked past K).
