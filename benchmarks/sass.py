@@ -46,11 +46,14 @@ def _gemv(out: str, kind: int, m: int, split_k: int, double_quant: bool, bias: b
     return gemv._gemv_kernel, ptrs, consts, 1, 3
 
 
-def _gemv_tc(x: str, m: int, split_k: int, double_quant: bool, bias: bool, sum_in_kernel: bool = False) -> tuple:
+def _gemv_tc(
+    x: str, m: int, split_k: int, double_quant: bool, bias: bool, sum_in_kernel: bool = False, paired: bool = False
+) -> tuple:
     ptrs = dict(x_ptr="*i32", data_ptr="*i32", bias_ptr=x, out_ptr=x, partial_ptr=_FP32, counter_ptr="*i32",
                 **_scales(double_quant))  # fmt: skip
     consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, HAS_BIAS=bias, X_KIND=0 if x == "*bf16" else 1,
-                  BLOCK_N=gemv_tc.BLOCK_N, SPLIT_K=split_k, ROWS=m, SUM_IN_KERNEL=sum_in_kernel)  # fmt: skip
+                  BLOCK_N=gemv_tc.BLOCK_N, SPLIT_K=split_k, ROWS=m, SUM_IN_KERNEL=sum_in_kernel,
+                  PAIRED=paired)  # fmt: skip
     return gemv_tc._gemv_tc_kernel, ptrs, consts, gemv_tc.BLOCK_N // 16, 3, {"maxnreg": gemv_tc.MAX_REGISTERS}
 
 
@@ -111,6 +114,8 @@ BUILDS = {
     "gemv-fp32-m2-split16-dq": _gemv(_FP32, 2, 2, 16, True, False),
     "gemv-fp32-m4-split16-dq": _gemv(_FP32, 2, 4, 16, True, False),
     "gemv-tc-bf16-split7-dq": _gemv_tc("*bf16", 1, 7, True, False),
+    "gemv-tc-bf16-split7-dq-paired": _gemv_tc("*bf16", 1, 7, True, False, paired=True),
+    "gemv-tc-fp16-split4-plain-bias-paired": _gemv_tc("*fp16", 1, 4, False, True, paired=True),
     "gemv-tc-fp16-plain-bias": _gemv_tc("*fp16", 1, 1, False, True),
     "gemv-tc-bf16-m2-split7-dq": _gemv_tc("*bf16", 2, 7, True, False),
     "gemv-tc-bf16-m4-split7-dq": _gemv_tc("*bf16", 4, 7, True, False),

@@ -317,14 +317,21 @@ def test_mma_takes_half_precision_whole_blocks_only() -> None:
 
 # (n, k, blocksize, double_quant, dtype): fewer rows than a warp's 16 (rows past N masked), a partial last step
 # (K % 256), blocksizes 128 / 256 (one block over several column slots), both dtypes, double quant or not; configs:
-# one slice, and two slices on one program (its items in a row, their partial sums added by a second launch).
+# one slice, and two slices on one program (its items in a row, their partial sums added by a second launch); one
+# row of x in the paired-quad layout (large weights' by default), one slice and two on one program.
 GEMV_TC_CASES = [(5, 256, 64, True, torch.bfloat16), (130, 192, 64, False, torch.float16),
                  (257, 1024, 128, True, torch.float16), (64, 512, 256, False, torch.bfloat16)]  # fmt: skip
-GEMV_TC_CONFIGS = [None, kgemv_tc.GemvTcConfig(split_k=1), kgemv_tc.GemvTcConfig(split_k=2, programs_per_sm=1)]
+GEMV_TC_CONFIGS = [None, kgemv_tc.GemvTcConfig(split_k=1), kgemv_tc.GemvTcConfig(split_k=2, programs_per_sm=1),
+                   kgemv_tc.GemvTcConfig(split_k=1, paired=True),
+                   kgemv_tc.GemvTcConfig(split_k=2, programs_per_sm=1, paired=True)]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", GEMV_TC_CASES)
-@pytest.mark.parametrize("config", GEMV_TC_CONFIGS, ids=["default", "split1", "split2-one-program"])
+@pytest.mark.parametrize(
+    "config",
+    GEMV_TC_CONFIGS,
+    ids=["default", "split1", "split2-one-program", "paired-split1", "paired-split2-one-program"],
+)
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_gemv_tc_matches_dequantize_then_fp32_matmul(case: tuple, config: kgemv_tc.GemvTcConfig | None, m: int) -> None:
     # the interpreter runs the kernel's fragment bookkeeping (which lane holds which rows, k, block slots and x

@@ -27,7 +27,8 @@ _BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # allocation at the cap moves with any change of the loop. Its layout for 3-4 rows of x spills nothing under Triton
 # 3.6 (the device's), 8 bytes under 3.9; the one for 1-2 rows (twenty-seventh session) 0-8 bytes under 3.6 (8 in
 # the M = 1 double-quant build, outside the loop; timed so, 1-4% faster than the 3-4 row layout at M = 1-2) and
-# 16-24 under 3.9 (2-3 more local loads a step than before it; not timed: the device has 3.6). Its builds that sum
+# 16-24 under 3.9 (2-3 more local loads a step than before it; not timed: the device has 3.6); the paired-quad
+# layout for one row of a large weight none under 3.6, 8-16 under 3.9. Its builds that sum
 # split-K's slices at the end (small weights) spill 8 bytes under 3.6, 8-16 under 3.9: timed so, and faster than
 # the launch.
 # The small-batch one at M = 16 is capped at 80 (3 programs an SM): no spills under 3.6; under 3.9 its split-K
@@ -39,13 +40,15 @@ SPILL_ALLOWED = {"gemv-fp32-m4-split16-dq": 16, "gemv-tc-bf16-split7-dq": 16, "g
                  "gemv-tc-bf16-m2-split7-dq": 24, "gemv-tc-bf16-m4-split7-dq": 8, "gemv-tc-fp16-m3-plain-bias": 8,
                  "gemv-tcm-bf16-m16-split4-dq": 16, "gemv-tcm-bf16-m16-split4-dq-groups2": 32,
                  "gemv-tcm-fp16-m12-plain-bias-groups2": 32, "gemv-tc-bf16-split8-dq-sum": 16,
-                 "gemv-tc-fp16-m4-split8-plain-bias-sum": 16}  # fmt: skip
+                 "gemv-tc-fp16-m4-split8-plain-bias-sum": 16, "gemv-tc-bf16-split7-dq-paired": 8,
+                 "gemv-tc-fp16-split4-plain-bias-paired": 16}  # fmt: skip
 
 
 # Every build benchmarks/sass.py makes (the launches the ops make on Llama-shaped weights).
 BUILDS = {
     "gemv-bf16-m1-split4-dq", "gemv-fp16-m1-plain-bias", "gemv-fp32-m2-split16-dq", "gemv-fp32-m4-split16-dq",
-    "gemv-tc-bf16-split7-dq", "gemv-tc-fp16-plain-bias", "gemv-tc-bf16-m2-split7-dq",
+    "gemv-tc-bf16-split7-dq", "gemv-tc-fp16-plain-bias", "gemv-tc-bf16-m2-split7-dq", "gemv-tc-bf16-split7-dq-paired",
+    "gemv-tc-fp16-split4-plain-bias-paired",
     "gemv-tc-bf16-m4-split7-dq", "gemv-tc-fp16-m3-plain-bias", "gemv-tcm-bf16-m8-split4-dq",
     "gemv-tcm-fp16-m16-plain-bias", "gemv-tcm-bf16-m16-split4-dq", "gemv-tcm-bf16-m16-split4-dq-groups2",
     "gemv-tcm-fp16-m12-plain-bias-groups2", "gemv-tcm-bf16-m8-split4-dq-groups2", "gemv-tc-bf16-split8-dq-sum",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -420,9 +422,15 @@ def test_table_kernels_sizes_and_configs(
     worst_row = ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()  # a row of x lost shows here
     assert out.dtype == dtype and out.shape == (m, n) and rel < TABLE_TOLERANCE and worst_row < 2e-2
     assert torch.equal(kernel(x, *qargs, n, bias, cfg), out)  # the slices summed in the same order
-    if name == "tc" and m == 2:  # the mma's columns are independent: each row as gemv_tc alone gives it (3-4
-        for r in range(m):  # rows take the other column layout, whose block sums are added up in another order)
-            assert torch.equal(kernel(x[r : r + 1].clone(), *qargs, n, bias, cfg)[0], out[r])
+    if name == "tc" and m == 2:  # the mma's columns are independent: each row as gemv_tc alone gives it in the
+        # same layout (3-4 rows, and one row of a large weight, add the block sums up in other orders)
+        alone = dataclasses.replace(cfg or kgemv_tc.GemvTcConfig(), paired=False)
+        for r in range(m):
+            assert torch.equal(kernel(x[r : r + 1].clone(), *qargs, n, bias, alone)[0], out[r])
+    if name == "tc" and m == 1:  # both layouts of one row (the paired one from PAIRED_MIN_PARAMS by default)
+        cfg1 = cfg or kgemv_tc.default_config(n, k, x.device)
+        other = kernel(x, *qargs, n, bias, dataclasses.replace(cfg1, paired=not cfg1.paired))
+        assert ((other.double() - ref).norm() / ref.norm()).item() < TABLE_TOLERANCE
     if m > 1 and config is None and ops._table_kernel(x, blocksize, n) is kernel:
         assert torch.equal(ops.matmul(x, q, bias), out)  # ops' choice in eager mode (M = 1: the test below)
 

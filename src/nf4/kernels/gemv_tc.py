@@ -20,7 +20,13 @@ address), one shared-memory load (the pair), 1/8 of an mma.
   scaled by its own absmax once, after the step's 16 mmas. With 1-2 rows of x, column 4 q + 2 c + r is block c of
   quarter q: both quarters sum into one set of accumulators, and after a step lane t holds the sums of the step's
   block t (for x rows 0 and 1), so it scales them by the absmax it decodes itself (block t of its two W rows) and
-  the quad's four lanes are added up once, at the item's end. Four rows of x need 16 columns: with 3-4, each
+  the quad's four lanes are added up once, at the item's end. One row of x on a large weight (PAIRED_MIN_PARAMS)
+  pairs the quads instead: a lane's 16 bytes of a row are a 64-byte half of the step's 128, quads g and g ^ 1
+  holding the two halves of one row (rows g // 2, + 8; the second quarter rows + 4, + 12), so each code load reads
+  4 whole 128-byte lines rather than 8 halves (the L1's data stage, the kernel's busiest unit, takes a wavefront a
+  line). Column 4 q + 2 s + c is then block c of half s of quarter q's rows; lane t of quad g holds valid sums
+  where t % 2 = g % 2 (its neighbour decodes its second absmax, one shuffle), and the two halves of a row meet by
+  one shuffle at the item's end. Four rows of x need 16 columns: with 3-4, each
   quarter sums into its own accumulators, column 2 r + c holding x row r, block c of the quarter; lane t then
   holds x row t's sums of the step's 4 blocks, decodes block t's absmax and its quad shares the four by 8
   shuffles a step. (The 1-2 row layout since the twenty-seventh session: H200, same process, 4096x4096 0.0083 ms
@@ -53,8 +59,8 @@ over the warp's fragments (same operands, fp32 sums).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -86,15 +92,22 @@ MIN_PARAMS = 1 << 23
 # launch: H200, twenty-first session, M = 1 and 4: 1024x4096 to 8192x4096 and 4096x8192 1-17% faster (the launch
 # costs ~1 us more than the tickets); 8192x8192 1% faster, 14336x4096 5% slower, 28672x8192 10% slower.
 SUM_IN_KERNEL_MAX_PARAMS = 1 << 25
+# Weights from which one row of x takes the paired-quad layout (whole-line code loads): H200, twenty-seventh
+# session, 28672x8192 / 8192x28672 / 14336x4096 / 4096x14336 2.1-2.5% / 1.7-1.8% / 2.8% / 2.1% faster, 4096x4096 5%
+# slower (sizes between not measured).
+PAIRED_MIN_PARAMS = 1 << 25
 MAX_M = 4  # rows of x: 2 blocks a quarter x 4 rows fill the mma's 8 columns
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class GemvTcConfig:
-    """K cut into split_k slices (0: chosen so that the (row tile, slice) items fill the grid in whole rounds)."""
+    """K cut into split_k slices (0: chosen so that the (row tile, slice) items fill the grid in whole rounds);
+    paired: one row of x in the paired-quad layout (module docstring; default_config takes it from PAIRED_MIN_PARAMS
+    on)."""
 
     split_k: int = 0
     programs_per_sm: int = PROGRAMS_PER_SM
+    paired: bool = False
 
 
 def supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
@@ -260,10 +273,18 @@ def _quarter(qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, x_ptr, xm, lane8, base, qua
 # N are masked; read once, so not kept in L1); live: a per-lane tensor (the interpreter rejects a mask made with a
 # scalar condition).
 @triton.jit
-def _step_codes(pa, s, t, wpr, live_a, live_b, INTERPRETED: tl.constexpr):
+def _step_codes(pa, s, kw, wpr, row, N, live, P: tl.constexpr, INTERPRETED: tl.constexpr):
     pb = pa + 8 * wpr
-    in0 = s * 32 + 4 * t < wpr
-    in1 = s * 32 + 16 + 4 * t < wpr
+    in0 = s * 32 + kw < wpr
+    if P:  # quarter 1 is rows + 4 (and + 12), the same words
+        a0, a1, a2, a3 = _load16(pa + s * 32, in0 & live & (row < N), INTERPRETED, True)
+        b0, b1, b2, b3 = _load16(pb + s * 32, in0 & live & (row + 8 < N), INTERPRETED, True)
+        c0, c1, c2, c3 = _load16(pa + 4 * wpr + s * 32, in0 & live & (row + 4 < N), INTERPRETED, True)
+        d0, d1, d2, d3 = _load16(pb + 4 * wpr + s * 32, in0 & live & (row + 12 < N), INTERPRETED, True)
+        return a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3
+    in1 = s * 32 + 16 + kw < wpr
+    live_a = live & (row < N)
+    live_b = live & (row + 8 < N)
     a0, a1, a2, a3 = _load16(pa + s * 32, in0 & live_a, INTERPRETED, True)
     b0, b1, b2, b3 = _load16(pb + s * 32, in0 & live_b, INTERPRETED, True)
     c0, c1, c2, c3 = _load16(pa + s * 32 + 16, in1 & live_a, INTERPRETED, True)
@@ -277,8 +298,9 @@ def _gemv_tc_kernel(
     bias_ptr, out_ptr, partial_ptr, counter_ptr, N, K, stride_xw, per,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, SUM_IN_KERNEL: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    PAIRED: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
+    P: tl.constexpr = PAIRED  # (one row of x only)
     THREADS: tl.constexpr = BLOCK_N * 2  # 16 rows a warp
     NW: tl.constexpr = THREADS // 32
     i = tl.arange(0, THREADS)
@@ -298,7 +320,14 @@ def _gemv_tc_kernel(
     # mma column g (the module docstring) holds x row r, block `slot` of a quarter (quarter 0 where in_q0, 1 where
     # in_q1); columns of rows past ROWS hold zeros
     ONE_SET: tl.constexpr = ROWS <= 2  # both quarters in one set of accumulators, column g = 4 q + 2 c + r
-    if ONE_SET:
+    if P:  # quads g, g ^ 1 read one row's two 64-byte halves; column g = 4 q + 2 sigma + c
+        rg = g // 2
+        kw = 16 * (g % 2) + 4 * t
+        slot = g % 2
+        in_q0 = g < 4
+        in_q1 = g >= 4
+        r = g * 0
+    elif ONE_SET:
         slot = (g // 2) % 2
         in_q0 = g < 4
         in_q1 = g >= 4
@@ -308,6 +337,9 @@ def _gemv_tc_kernel(
         in_q0 = g >= 0
         in_q1 = in_q0
         r = g // 2
+    if not P:
+        rg = g
+        kw = 4 * t
     x_lane = x_ptr + tl.minimum(r, ROWS - 1) * stride_xw
     x_live = r < ROWS
 
@@ -321,15 +353,15 @@ def _gemv_tc_kernel(
     tile = pid % n_tiles
     sl = pid // n_tiles
     step_in = 0
-    row_a = tile * BLOCK_N + warp * 16 + g
-    pa = data_ptr + row_a.to(tl.int64) * wpr + 4 * t
+    row_a = tile * BLOCK_N + warp * 16 + rg
+    pa = data_ptr + row_a.to(tl.int64) * wpr + kw
     live = i * 0 + total > 0
     na0, na1, na2, na3, nb0, nb1, nb2, nb3, nc0, nc1, nc2, nc3, nd0, nd1, nd2, nd3 = _step_codes(
-        pa, sl * per, t, wpr, live & (row_a < N), live & (row_a + 8 < N), INTERPRETED
+        pa, sl * per, kw, wpr, row_a, N, live, P, INTERPRETED
     )
     for it in range(0, total):
         s = sl * per + step_in
-        row_a = tile * BLOCK_N + warp * 16 + g
+        row_a = tile * BLOCK_N + warp * 16 + rg
         row_b = row_a + 8
         qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3 = na0, na1, na2, na3, nb0, nb1, nb2, nb3
         qc0, qc1, qc2, qc3, qd0, qd1, qd2, qd3 = nc0, nc1, nc2, nc3, nd0, nd1, nd2, nd3
@@ -346,18 +378,27 @@ def _gemv_tc_kernel(
             tile1 = item1 % n_tiles
             sl1 = item1 // n_tiles
             step1 = 0
-            r1 = tile1 * BLOCK_N + warp * 16 + g
-            pa1 = data_ptr + r1.to(tl.int64) * wpr + 4 * t
+            r1 = tile1 * BLOCK_N + warp * 16 + rg
+            pa1 = data_ptr + r1.to(tl.int64) * wpr + kw
         live = (i * 0 + it + 1 < total) & (i * 0 + sl1 * per + step1 < steps)
         na0, na1, na2, na3, nb0, nb1, nb2, nb3, nc0, nc1, nc2, nc3, nd0, nd1, nd2, nd3 = _step_codes(
-            pa1, sl1 * per + step1, t, wpr, live & (r1 < N), live & (r1 + 8 < N), INTERPRETED
+            pa1, sl1 * per + step1, kw, wpr, r1, N, live, P, INTERPRETED
         )
         # quarter h of the step: lane t's 32 elements are block slot 2h + t // 2 of the step (in column g's x row)
-        x_step = x_lane + s * 128 + 16 * t
+        if P:  # column g's segment (g // 2) % 2, the same elements in both quarters
+            x_step = x_lane + s * 128 + 64 * ((g // 2) % 2) + 16 * t
+            x_q1 = x_step
+            x_in = s * 128 + 64 * ((g // 2) % 2) + 16 * t < K // 2
+            x_in1 = x_in
+        else:
+            x_step = x_lane + s * 128 + 16 * t
+            x_q1 = x_step + 64
+            x_in = s * 128 + 16 * t < K // 2
+            x_in1 = s * 128 + 64 + 16 * t < K // 2
         x_mine = x_live & (slot == t // 2)
         c0, c1, c2, c3 = _quarter(
             qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, x_step,
-            x_mine & in_q0 & (s * 128 + 16 * t < K // 2), lane8, base, quant_map_ptr,
+            x_mine & in_q0 & x_in, lane8, base, quant_map_ptr,
             zero, zero, zero, zero, NW, X_KIND, INTERPRETED,
         )  # fmt: skip
         if ONE_SET:
@@ -365,8 +406,8 @@ def _gemv_tc_kernel(
         else:
             d0, d1, d2, d3 = zero, zero, zero, zero
         d0, d1, d2, d3 = _quarter(
-            qc0, qc1, qc2, qc3, qd0, qd1, qd2, qd3, x_step + 64,
-            x_mine & in_q1 & (s * 128 + 64 + 16 * t < K // 2), lane8, base,
+            qc0, qc1, qc2, qc3, qd0, qd1, qd2, qd3, x_q1,
+            x_mine & in_q1 & x_in1, lane8, base,
             quant_map_ptr, d0, d1, d2, d3, NW, X_KIND, INTERPRETED,
         )  # fmt: skip
         # Lane t holds columns 2t and 2t + 1 and decodes the absmax of the step's block t of rows a and b. ONE_SET:
@@ -374,11 +415,19 @@ def _gemv_tc_kernel(
         # d1) row a's blocks 0-3, (c2, c3), (d2, d3) row b's, the quad sharing the absmax.
         ok = t < ROWS
         e = s * 256 + 64 * t
+        if P:  # lane t: rows a + 4 (t // 2), block 2 sigma + ((t ^ g) & 1); the valid lane (t & 1 == g & 1) takes
+            # its neighbour's block 2 sigma + 1
+            row_a = row_a + 4 * (t // 2)
+            row_b = row_a + 8
+            e = s * 256 + 64 * (2 * (g % 2) + ((t ^ g) & 1))
         am_a = _block_absmax(row_a, e, row_a < N, K, bpr, absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr,
                              nested_offset_ptr, BLOCKSIZE, DOUBLE_QUANT, INTERPRETED)  # fmt: skip
         am_b = _block_absmax(row_b, e, row_b < N, K, bpr, absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr,
                              nested_offset_ptr, BLOCKSIZE, DOUBLE_QUANT, INTERPRETED)  # fmt: skip
-        if ONE_SET:
+        if P:
+            acc_a += d0 * am_a + d1 * _xor(am_a, 1, NW, INTERPRETED)
+            acc_b += d2 * am_b + d3 * _xor(am_b, 1, NW, INTERPRETED)
+        elif ONE_SET:
             acc_a += d0 * am_a
             acc_b += d2 * am_b
             if ROWS == 2:
@@ -390,18 +439,23 @@ def _gemv_tc_kernel(
             acc_b += c2 * _from_quad(am_b, 0, NW, INTERPRETED) + c3 * _from_quad(am_b, 1, NW, INTERPRETED)
             acc_b += d2 * _from_quad(am_b, 2, NW, INTERPRETED) + d3 * _from_quad(am_b, 3, NW, INTERPRETED)
         if step_in == per - 1:  # the item's rows out: both W rows of x row t from lane t
-            if ONE_SET:  # the quad's four blocks added up; lane 1 takes x row 1's
+            if P:  # the row's other half is in quad g ^ 1, lane t ^ 1; lanes of even g and t store
+                acc_a = acc_a + _xor(acc_a, 5, NW, INTERPRETED)
+                acc_b = acc_b + _xor(acc_b, 5, NW, INTERPRETED)
+                ok = (g % 2 == 0) & (t % 2 == 0)
+            elif ONE_SET:  # the quad's four blocks added up; lane 1 takes x row 1's
                 acc_a = _quad_sum(acc_a, NW, INTERPRETED)
                 acc_b = _quad_sum(acc_b, NW, INTERPRETED)
                 if ROWS == 2:
                     acc_a = tl.where(t == 0, acc_a, _quad_sum(acc_a1, NW, INTERPRETED))
                     acc_b = tl.where(t == 0, acc_b, _quad_sum(acc_b1, NW, INTERPRETED))
+            xr = t * 0 if P else t
             if SPLIT_K == 1:
-                _store_rows(acc_a, row_a, ok & (row_a < N), N, bias_ptr, out_ptr + t * N, HAS_BIAS, INTERPRETED)
-                _store_rows(acc_b, row_b, ok & (row_b < N), N, bias_ptr, out_ptr + t * N, HAS_BIAS, INTERPRETED)
+                _store_rows(acc_a, row_a, ok & (row_a < N), N, bias_ptr, out_ptr + xr * N, HAS_BIAS, INTERPRETED)
+                _store_rows(acc_b, row_b, ok & (row_b < N), N, bias_ptr, out_ptr + xr * N, HAS_BIAS, INTERPRETED)
             else:
-                tl.store(partial_ptr + (sl * ROWS + t) * N + row_a, acc_a, mask=ok & (row_a < N))
-                tl.store(partial_ptr + (sl * ROWS + t) * N + row_b, acc_b, mask=ok & (row_b < N))
+                tl.store(partial_ptr + (sl * ROWS + xr) * N + row_a, acc_a, mask=ok & (row_a < N))
+                tl.store(partial_ptr + (sl * ROWS + xr) * N + row_b, acc_b, mask=ok & (row_b < N))
             acc_a = zero
             acc_b = zero
             acc_a1 = zero
@@ -426,6 +480,20 @@ def _from_quad(v, j: tl.constexpr, NW: tl.constexpr, INTERPRETED: tl.constexpr):
         return tl.reshape(tl.broadcast_to(picked[:, None], (NW * 8, 4)), (NW * 32,))
     else:
         return tl.inline_asm_elementwise(f"shfl.sync.idx.b32 $0, $1, {j}, 0x1c1f, 0xffffffff;", "=r,r", [v],
+                                         dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+
+
+# v of lane (this lane ^ m), m = 1 or 5.
+@triton.jit
+def _xor(v, m: tl.constexpr, NW: tl.constexpr, INTERPRETED: tl.constexpr):
+    if INTERPRETED:
+        w = tl.reshape(v, (NW * 4, 2, 2, 2))  # lane bits 3-4 (with the warp), 2, 1, 0
+        w = tl.flip(w, 3)
+        if m == 5:
+            w = tl.flip(w, 1)
+        return tl.reshape(w, (NW * 32,))
+    else:
+        return tl.inline_asm_elementwise(f"shfl.sync.bfly.b32 $0, $1, {m}, 0x1f, 0xffffffff;", "=r,r", [v],
                                          dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
 
 
@@ -479,7 +547,8 @@ def best_split(tiles: int, steps: int, slots: int) -> int:
 @functools.cache  # a decode step asks for the same few shapes every token (12 us of Python a call otherwise)
 def default_config(n: int, k: int, device: torch.device) -> GemvTcConfig:
     """best_split over 256-element steps: 28672x8192 gets 7 slices (1568 items, 3 rounds of 528 programs)."""
-    return GemvTcConfig(split_k=best_split(-(-n // BLOCK_N), -(-k // 256), programs(device, PROGRAMS_PER_SM)))
+    return GemvTcConfig(split_k=best_split(-(-n // BLOCK_N), -(-k // 256), programs(device, PROGRAMS_PER_SM)),
+                        paired=n * k >= PAIRED_MIN_PARAMS)  # fmt: skip
 
 
 def gemv_tc(
@@ -498,8 +567,10 @@ def gemv_tc(
     """x [M, K] (bf16/fp16, M = 1-4) @ W[n, K]^T (+ bias) -> [M, n] in x's dtype."""
     m, k = x.shape
     assert supported(x, k, blocksize), (x.shape, x.dtype, blocksize)
-    if config is None or config.split_k == 0:
-        config = GemvTcConfig(default_config(n, k, x.device).split_k, (config or GemvTcConfig()).programs_per_sm)
+    if config is None:
+        config = default_config(n, k, x.device)
+    elif config.split_k == 0:
+        config = dataclasses.replace(config, split_k=default_config(n, k, x.device).split_k)
     if x.stride(1) != 1 or x.storage_offset() % 8 or (m > 1 and x.stride(0) % 8):  # 16-byte loads of x's rows
         x = x.clone(memory_format=torch.contiguous_format)
     codes = data.reshape(-1)
@@ -527,7 +598,7 @@ def gemv_tc(
         x.stride(0) // 2 if m > 1 else 0, per,  # one row: the stride is unread, 0 so it never specializes a build
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         X_KIND=0 if x.dtype == torch.bfloat16 else 1, BLOCK_N=BLOCK_N, SPLIT_K=split_k, ROWS=m,
-        SUM_IN_KERNEL=in_kernel, INTERPRETED=interpreted(),
+        SUM_IN_KERNEL=in_kernel, PAIRED=config.paired and m == 1, INTERPRETED=interpreted(),
         num_warps=BLOCK_N // 16, **options,
     )  # fmt: skip
     if split_k > 1 and not in_kernel:
