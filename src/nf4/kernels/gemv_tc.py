@@ -273,10 +273,10 @@ def _quarter(qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, x_ptr, xm, lane8, base, qua
 # N are masked; read once, so not kept in L1); live: a per-lane tensor (the interpreter rejects a mask made with a
 # scalar condition).
 @triton.jit
-def _step_codes(pa, s, kw, wpr, row, N, live, P: tl.constexpr, INTERPRETED: tl.constexpr):
+def _step_codes(pa, s, kw, wpr, row, N, live, PAIRED: tl.constexpr, INTERPRETED: tl.constexpr):
     pb = pa + 8 * wpr
     in0 = s * 32 + kw < wpr
-    if P:  # quarter 1 is rows + 4 (and + 12), the same words
+    if PAIRED:  # quarter 1 is rows + 4 (and + 12), the same words
         a0, a1, a2, a3 = _load16(pa + s * 32, in0 & live & (row < N), INTERPRETED, True)
         b0, b1, b2, b3 = _load16(pb + s * 32, in0 & live & (row + 8 < N), INTERPRETED, True)
         c0, c1, c2, c3 = _load16(pa + 4 * wpr + s * 32, in0 & live & (row + 4 < N), INTERPRETED, True)
@@ -300,7 +300,6 @@ def _gemv_tc_kernel(
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, SUM_IN_KERNEL: tl.constexpr,
     PAIRED: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
-    P: tl.constexpr = PAIRED  # (one row of x only)
     THREADS: tl.constexpr = BLOCK_N * 2  # 16 rows a warp
     NW: tl.constexpr = THREADS // 32
     i = tl.arange(0, THREADS)
@@ -320,7 +319,7 @@ def _gemv_tc_kernel(
     # mma column g (the module docstring) holds x row r, block `slot` of a quarter (quarter 0 where in_q0, 1 where
     # in_q1); columns of rows past ROWS hold zeros
     ONE_SET: tl.constexpr = ROWS <= 2  # both quarters in one set of accumulators, column g = 4 q + 2 c + r
-    if P:  # quads g, g ^ 1 read one row's two 64-byte halves; column g = 4 q + 2 sigma + c
+    if PAIRED:  # (one row of x) quads g, g ^ 1 read a row's two 64-byte halves; column g = 4 q + 2 sigma + c
         rg = g // 2
         kw = 16 * (g % 2) + 4 * t
         slot = g % 2
@@ -337,7 +336,7 @@ def _gemv_tc_kernel(
         in_q0 = g >= 0
         in_q1 = in_q0
         r = g // 2
-    if not P:
+    if not PAIRED:
         rg = g
         kw = 4 * t
     x_lane = x_ptr + tl.minimum(r, ROWS - 1) * stride_xw
@@ -357,7 +356,7 @@ def _gemv_tc_kernel(
     pa = data_ptr + row_a.to(tl.int64) * wpr + kw
     live = i * 0 + total > 0
     na0, na1, na2, na3, nb0, nb1, nb2, nb3, nc0, nc1, nc2, nc3, nd0, nd1, nd2, nd3 = _step_codes(
-        pa, sl * per, kw, wpr, row_a, N, live, P, INTERPRETED
+        pa, sl * per, kw, wpr, row_a, N, live, PAIRED, INTERPRETED
     )
     for it in range(0, total):
         s = sl * per + step_in
@@ -382,10 +381,10 @@ def _gemv_tc_kernel(
             pa1 = data_ptr + r1.to(tl.int64) * wpr + kw
         live = (i * 0 + it + 1 < total) & (i * 0 + sl1 * per + step1 < steps)
         na0, na1, na2, na3, nb0, nb1, nb2, nb3, nc0, nc1, nc2, nc3, nd0, nd1, nd2, nd3 = _step_codes(
-            pa1, sl1 * per + step1, kw, wpr, r1, N, live, P, INTERPRETED
+            pa1, sl1 * per + step1, kw, wpr, r1, N, live, PAIRED, INTERPRETED
         )
         # quarter h of the step: lane t's 32 elements are block slot 2h + t // 2 of the step (in column g's x row)
-        if P:  # column g's segment (g // 2) % 2, the same elements in both quarters
+        if PAIRED:  # column g's segment (g // 2) % 2, the same elements in both quarters
             x_step = x_lane + s * 128 + 64 * ((g // 2) % 2) + 16 * t
             x_q1 = x_step
             x_in = s * 128 + 64 * ((g // 2) % 2) + 16 * t < K // 2
@@ -415,7 +414,7 @@ def _gemv_tc_kernel(
         # d1) row a's blocks 0-3, (c2, c3), (d2, d3) row b's, the quad sharing the absmax.
         ok = t < ROWS
         e = s * 256 + 64 * t
-        if P:  # lane t: rows a + 4 (t // 2), block 2 sigma + ((t ^ g) & 1); the valid lane (t & 1 == g & 1) takes
+        if PAIRED:  # lane t: rows a + 4 (t // 2), block 2 sigma + ((t ^ g) & 1); the valid lane (t & 1 == g & 1) takes
             # its neighbour's block 2 sigma + 1
             row_a = row_a + 4 * (t // 2)
             row_b = row_a + 8
@@ -424,7 +423,7 @@ def _gemv_tc_kernel(
                              nested_offset_ptr, BLOCKSIZE, DOUBLE_QUANT, INTERPRETED)  # fmt: skip
         am_b = _block_absmax(row_b, e, row_b < N, K, bpr, absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr,
                              nested_offset_ptr, BLOCKSIZE, DOUBLE_QUANT, INTERPRETED)  # fmt: skip
-        if P:
+        if PAIRED:
             acc_a += d0 * am_a + d1 * _xor(am_a, 1, NW, INTERPRETED)
             acc_b += d2 * am_b + d3 * _xor(am_b, 1, NW, INTERPRETED)
         elif ONE_SET:
@@ -439,7 +438,7 @@ def _gemv_tc_kernel(
             acc_b += c2 * _from_quad(am_b, 0, NW, INTERPRETED) + c3 * _from_quad(am_b, 1, NW, INTERPRETED)
             acc_b += d2 * _from_quad(am_b, 2, NW, INTERPRETED) + d3 * _from_quad(am_b, 3, NW, INTERPRETED)
         if step_in == per - 1:  # the item's rows out: both W rows of x row t from lane t
-            if P:  # the row's other half is in quad g ^ 1, lane t ^ 1; lanes of even g and t store
+            if PAIRED:  # the row's other half is in quad g ^ 1, lane t ^ 1; lanes of even g and t store
                 acc_a = acc_a + _xor(acc_a, 5, NW, INTERPRETED)
                 acc_b = acc_b + _xor(acc_b, 5, NW, INTERPRETED)
                 ok = (g % 2 == 0) & (t % 2 == 0)
@@ -449,7 +448,7 @@ def _gemv_tc_kernel(
                 if ROWS == 2:
                     acc_a = tl.where(t == 0, acc_a, _quad_sum(acc_a1, NW, INTERPRETED))
                     acc_b = tl.where(t == 0, acc_b, _quad_sum(acc_b1, NW, INTERPRETED))
-            xr = t * 0 if P else t
+            xr = t * 0 if PAIRED else t
             if SPLIT_K == 1:
                 _store_rows(acc_a, row_a, ok & (row_a < N), N, bias_ptr, out_ptr + xr * N, HAS_BIAS, INTERPRETED)
                 _store_rows(acc_b, row_b, ok & (row_b < N), N, bias_ptr, out_ptr + xr * N, HAS_BIAS, INTERPRETED)
