@@ -428,8 +428,8 @@ def test_table_kernels_sizes_and_configs(
         for r in range(m):
             assert torch.equal(kernel(x[r : r + 1].clone(), *qargs, n, bias, alone)[0], out[r])
     if name == "tc" and m == 1:  # both layouts of one row (the paired one from PAIRED_MIN_PARAMS by default)
-        cfg1 = cfg or kgemv_tc.default_config(n, k, x.device)
-        other = kernel(x, *qargs, n, bias, dataclasses.replace(cfg1, paired=not cfg1.paired))
+        paired = kgemv_tc.default_config(n, k, x.device).paired if cfg is None or cfg.paired is None else cfg.paired
+        other = kernel(x, *qargs, n, bias, dataclasses.replace(cfg or kgemv_tc.GemvTcConfig(), paired=not paired))
         assert ((other.double() - ref).norm() / ref.norm()).item() < TABLE_TOLERANCE
     if m > 1 and config is None and ops._table_kernel(x, blocksize, n) is kernel:
         assert torch.equal(ops.matmul(x, q, bias), out)  # ops' choice in eager mode (M = 1: the test below)

@@ -59,8 +59,8 @@ over the warp's fragments (same operands, fp32 sums).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -99,15 +99,14 @@ PAIRED_MIN_PARAMS = 1 << 25
 MAX_M = 4  # rows of x: 2 blocks a quarter x 4 rows fill the mma's 8 columns
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class GemvTcConfig:
     """K cut into split_k slices (0: chosen so that the (row tile, slice) items fill the grid in whole rounds);
-    paired: one row of x in the paired-quad layout (module docstring; default_config takes it from PAIRED_MIN_PARAMS
-    on)."""
+    paired: one row of x in the paired-quad layout (module docstring; None: from PAIRED_MIN_PARAMS parameters on)."""
 
     split_k: int = 0
     programs_per_sm: int = PROGRAMS_PER_SM
-    paired: bool = False
+    paired: bool | None = None
 
 
 def supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
@@ -566,17 +565,16 @@ def gemv_tc(
     """x [M, K] (bf16/fp16, M = 1-4) @ W[n, K]^T (+ bias) -> [M, n] in x's dtype."""
     m, k = x.shape
     assert supported(x, k, blocksize), (x.shape, x.dtype, blocksize)
-    if config is None:
-        config = default_config(n, k, x.device)
-    elif config.split_k == 0:
-        config = dataclasses.replace(config, split_k=default_config(n, k, x.device).split_k)
+    default = default_config(n, k, x.device)
+    config = config or default
+    paired = default.paired if config.paired is None else config.paired
     if x.stride(1) != 1 or x.storage_offset() % 8 or (m > 1 and x.stride(0) % 8):  # 16-byte loads of x's rows
         x = x.clone(memory_format=torch.contiguous_format)
     codes = data.reshape(-1)
     if codes.storage_offset() % 16:
         codes = codes.clone()
     steps = -(-k // 256)
-    per = -(-steps // min(config.split_k, steps))
+    per = -(-steps // min(config.split_k or default.split_k, steps))
     split_k = -(-steps // per)  # no empty slices
     items = -(-n // BLOCK_N) * split_k
     rounds = -(-items // programs(x.device, config.programs_per_sm))
@@ -597,7 +595,7 @@ def gemv_tc(
         x.stride(0) // 2 if m > 1 else 0, per,  # one row: the stride is unread, 0 so it never specializes a build
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
         X_KIND=0 if x.dtype == torch.bfloat16 else 1, BLOCK_N=BLOCK_N, SPLIT_K=split_k, ROWS=m,
-        SUM_IN_KERNEL=in_kernel, PAIRED=config.paired and m == 1, INTERPRETED=interpreted(),
+        SUM_IN_KERNEL=in_kernel, PAIRED=paired and m == 1, INTERPRETED=interpreted(),
         num_warps=BLOCK_N // 16, **options,
     )  # fmt: skip
     if split_k > 1 and not in_kernel:
